@@ -45,7 +45,7 @@ class Schedule:
     @classmethod
     def quick(cls) -> "Schedule":
         """A reduced schedule that runs the whole protocol in minutes on a 2-core CPU."""
-        return cls(new_epochs=4, all_epochs=4, baseline_epochs=12, grow_every=2,
+        return cls(new_epochs=3, all_epochs=4, baseline_epochs=12, grow_every=3,
                    prune=PruneConfig(beta=5.0, retrain_epochs=1.0, max_iterations=60))
 
     def with_nonrecoverable(self, tolerance: float = 0.005) -> "Schedule":
@@ -129,7 +129,10 @@ def _ours(t, new, all, val, s, first, progress):
 
 
 def _nest(t, new, all, val, s, first, progress):
-    sparse_seed(t.masks, s.seed_density, torch.Generator().manual_seed(int(t.gen.initial_seed())))
+    # Draw the seed's generator from the global stream (already past the weight init): a
+    # generator seeded with the same number as the init would select by the init's own draws.
+    gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+    sparse_seed(t.masks, s.seed_density, gen)
     _grow_and_train(t, all, s.baseline_epochs, s, "grow-all", progress)
     return None
 
@@ -168,15 +171,16 @@ def update(method: str, model: nn.Module | None, *, new: Data, all: Data, val: D
         raise ValueError(f"new, all and val must be non-empty (got {len(new)}, {len(all)}, {len(val)})")
     s = schedule or Schedule()
     run, fresh = METHODS[method]
+    torch.manual_seed(seed)  # before building: a fresh model's init is part of the run
     work = _fresh_model(model, build) if (fresh or model is None) else copy.deepcopy(model)
     dev = resolve_device(device)
-    torch.manual_seed(seed)
     meter = CostMeter(device=str(dev))
     t = Trainer(work, dev, s.train, meter, seed=seed, should_stop=should_stop)
     new_d, all_d, val_d = new.to(dev), all.to(dev), val.to(dev)
     carry = run(t, new_d, all_d, val_d, s, model is None, progress)
     report = _prune(t, all_d, val_d, s.prune, s.train.lr, "prune", progress)
     accuracy = report.final_accuracy
+    cost = meter.finish(len(all))  # the compact export below is not part of the update's cost
     compact = compact_params = None
     if s.nonrecoverable is not None:
         keep = copy.deepcopy(t.model)
@@ -185,7 +189,7 @@ def update(method: str, model: nn.Module | None, *, new: Data, all: Data, val: D
         t.model = keep
     served = t.model.cpu().eval()
     return UpdateResult(served, served if carry is None and method != "tfs" else carry,
-                        accuracy, count_parameters(served), meter.finish(len(all)), report,
+                        accuracy, count_parameters(served), cost, report,
                         compact, compact_params)
 
 

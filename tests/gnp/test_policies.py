@@ -1,0 +1,101 @@
+"""A short end-to-end protocol on the scikit-learn digits, and the update contract."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import gnp
+from gnp.data import incremental_split
+from gnp.policies import update
+from gnp.train import TrainConfig
+
+SMALL = replace(gnp.Schedule(new_epochs=3, all_epochs=6, baseline_epochs=18, grow_every=3),
+                train=TrainConfig(batch_size=32),
+                prune=gnp.PruneConfig(beta=5, retrain_epochs=1.0, max_iterations=40))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = gnp.load_dataset("digits")
+    chunks, val = incremental_split(ds.train, 3, 200, seed=0)
+    return ds, chunks, val
+
+
+def _build():
+    return gnp.build_model("lenet-300-100", (1, 8, 8), 10)
+
+
+@pytest.fixture(scope="module")
+def protocol(digits):
+    ds, chunks, val = digits
+    carry, results = {"ours": None, "tfs": None}, []
+    for k in range(1, len(chunks) + 1):
+        all_data = gnp.Data.concat(chunks[:k])
+        for method in carry:
+            r = update(method, carry[method], new=chunks[k - 1], all=all_data, val=val,
+                       schedule=SMALL, build=_build, device="cpu", seed=k)
+            carry[method] = r.carry
+            results.append((k, method, r, gnp.evaluate(r.model, ds.test)))
+    return results
+
+
+def test_protocol_learns_and_ours_costs_less_than_training_from_scratch(protocol):
+    last = {m: (r, acc) for k, m, r, acc in protocol if k == 3}
+    ours, ours_acc = last["ours"]
+    tfs, tfs_acc = last["tfs"]
+    assert ours_acc > 0.85 and tfs_acc > 0.85
+    assert ours.params.active < ours.params.dense  # pruned
+    # 3 new-chunk epochs on 1/3 of the data + 6 all-data epochs vs 18: about half.
+    assert ours.cost.epochs < 0.7 * tfs.cost.epochs
+
+
+def test_cost_counts_every_training_and_growth_pass(protocol, digits):
+    _, chunks, _ = digits
+    k, method, r, _ = next(p for p in protocol if p[0] == 2 and p[1] == "ours")
+    n_new, n_all = len(chunks[1]), len(chunks[0]) + len(chunks[1])
+    phases = dict(r.cost.phases)
+    # Every epoch of a growth phase is one full pass, growth epochs included.
+    assert phases["grow-new"] == SMALL.new_epochs * n_new
+    assert phases["grow-all"] == SMALL.all_epochs * n_all
+    assert r.cost.sample_passes == sum(phases.values())
+    assert r.cost.epochs == pytest.approx(r.cost.sample_passes / n_all)
+    assert r.cost.wall_seconds > 0 and r.cost.device == "cpu"
+
+
+def test_update_does_not_modify_its_input_and_validates_arguments(digits):
+    ds, chunks, val = digits
+    model = _build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    update("ours", model, new=chunks[0], all=chunks[0], val=val,
+           schedule=replace(SMALL, new_epochs=1, all_epochs=1), device="cpu")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="unknown method"):
+        update("sgd", model, new=chunks[0], all=chunks[0], val=val)
+    with pytest.raises(ValueError, match="build="):
+        update("tfs", None, new=chunks[0], all=chunks[0], val=val)
+
+
+def test_should_stop_abandons_the_update(digits):
+    _, chunks, val = digits
+    with pytest.raises(gnp.Abandoned):
+        update("ours", None, new=chunks[0], all=chunks[0], val=val, schedule=SMALL,
+               build=_build, device="cpu", should_stop=lambda: True)
+
+
+def test_non_finite_loss_is_reported(digits):
+    _, chunks, val = digits
+    bad = gnp.Data(chunks[0].x.clone(), chunks[0].y)
+    bad.x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(gnp.TrainingDiverged):
+        update("tfs", None, new=bad, all=bad, val=val, build=_build, device="cpu",
+               schedule=replace(SMALL, train=TrainConfig(batch_size=2048, augment=False)))
+
+
+def test_nonrecoverable_export_is_smaller_and_separate(digits):
+    ds, chunks, val = digits
+    r = update("ours", None, new=chunks[0], all=chunks[0], val=val, build=_build, device="cpu",
+               schedule=SMALL.with_nonrecoverable(tolerance=0.02))
+    assert r.compact is not None and r.compact is not r.model
+    assert r.compact_params.active < r.params.active
+    assert gnp.evaluate(r.compact, val) >= r.val_accuracy - 0.02 - 1e-9
