@@ -14,13 +14,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# Fashion-MNIST from Debian where apt works; the code falls back to scikit-learn digits otherwise.
+# System packages from Debian where apt works (root): Fashion-MNIST for the demo and the
+# paper protocol, Prometheus (promtool and the server) for the deploy tests. Best effort:
+# without them the code falls back to scikit-learn digits and those tests skip with a reason.
+APT_PKGS := $(if $(wildcard $(FMNIST)/train-images-idx3-ubyte.gz),,dataset-fashion-mnist) \
+            $(if $(wildcard /usr/bin/promtool),,prometheus)
 data:
-	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then :; \
+	@if [ -z "$(strip $(APT_PKGS))" ]; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-	    || echo "warning: could not install dataset-fashion-mnist; falling back to scikit-learn digits"; \
-	else echo "warning: Fashion-MNIST not found at $(FMNIST); falling back to scikit-learn digits"; fi
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS) >/dev/null) \
+	    || echo "warning: could not install $(APT_PKGS); falling back (digits, skipped deploy checks)"; \
+	else echo "warning: $(APT_PKGS) missing and apt-get unavailable; falling back"; fi
 
 demo: setup data
 	$(PY) -m daemon demo

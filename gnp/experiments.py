@@ -16,7 +16,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +49,9 @@ class Row:
 
 def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
     ds = load_dataset(args.dataset, args.data_dir)
+    if args.train_size is not None:  # a reduced run: a fixed random subset of the training set
+        keep = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(args.seed))
+        ds = replace(ds, train=ds.train.subset(keep[: args.train_size]))
     val_size = args.val_size if args.val_size is not None else (
         5000 if args.dataset == "fashion-mnist" else len(ds.train) // 10)
     chunks, val = incremental_split(ds.train, args.chunks, val_size, seed=args.seed)
@@ -108,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=10)
     p.add_argument("--val-size", type=int, default=None,
                    help="validation hold-out (default 5000 for Fashion-MNIST, 10%% otherwise)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="use a random subset of this many training samples (reduced runs)")
     p.add_argument("--methods", default="ours,tfs,nft,nest")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="reduced schedule (minutes on a CPU)")
@@ -124,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown method(s) {bad}; choose from {sorted(METHODS)}")
     if args.chunks < 1:
         p.error(f"--chunks must be >= 1, got {args.chunks}")
+    if args.train_size is not None and args.train_size < 2 * args.chunks:
+        p.error(f"--train-size must be at least 2 x --chunks, got {args.train_size}")
     if args.dataset == "fashion-mnist" and not fashion_mnist_available(args.data_dir):
         p.error("Fashion-MNIST not found (install dataset-fashion-mnist or pass --data-dir); "
                 "--dataset digits runs anywhere")

@@ -1,0 +1,254 @@
+"""Command line: ``python -m daemon run|demo|produce`` (also installed as ``gnpd``).
+
+- ``run``: the daemon, configured from ``GNPD_*`` environment variables (and ``.env``);
+  stops cleanly on SIGTERM/SIGINT. Invalid settings exit with code 2 and name the field.
+- ``demo``: embedded broker + daemon + the reference producer streaming Fashion-MNIST
+  (scikit-learn digits where Fashion-MNIST is not installed); prints a line per update
+  and stops after ``--updates`` successful updates or on Ctrl-C.
+- ``produce``: the reference producer (``daemon/producer.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger("daemon")
+
+# Demo pacing for a 2-core CPU: a chunk seals every 10-20 s and a quick-schedule update
+# of a few thousand samples takes 7-20 s there, so the first version appears after about
+# 30 s and five updates take about two minutes (Fashion-MNIST: ~50% -> ~70% accuracy,
+# 3-8x fewer active parameters). Chunks that seal during an update join the next one.
+_DEMO = {
+    "fashion-mnist": {"chunk_size": 1000, "rate": 50.0, "input_shape": [1, 28, 28]},
+    "digits": {"chunk_size": 250, "rate": 25.0, "input_shape": [1, 8, 8]},
+}
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    if level != "DEBUG":  # kafka-python narrates every connection at INFO
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from daemon.settings import SettingsError, load_settings
+
+    _configure_logging(args.log_level)
+    try:
+        settings = load_settings(env_file=args.env_file)
+    except SettingsError as e:
+        print(f"gnpd: {e}", file=sys.stderr)
+        return 2
+    from daemon.app import Daemon
+
+    try:
+        daemon = Daemon(settings).start()
+    except Exception as e:  # noqa: BLE001 - start-up failures: one clear line and exit 1
+        log.debug("start-up failed", exc_info=True)
+        print(f"gnpd: could not start: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return _exit(daemon.run())
+
+
+def _exit(clean: bool) -> int:
+    """Exit code 0; if an update thread is still inside torch, leave without finalizers.
+
+    Interpreter shut-down with a thread still running torch code can abort the process
+    ("terminate called without an active exception"); os._exit skips that, and nothing
+    is lost: every durable write is atomic.
+    """
+    if not clean:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def _demo_dataset(requested: str | None) -> str:
+    if requested:
+        return requested
+    from gnp.data import fashion_mnist_available
+
+    if fashion_mnist_available():
+        return "fashion-mnist"
+    print("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist): "
+          "streaming scikit-learn's 8x8 digits instead.")
+    return "digits"
+
+
+def _demo_settings(args: argparse.Namespace, dataset: str) -> Any:
+    from daemon.settings import load_settings
+
+    pace = _DEMO[dataset]
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="gnpd-demo-"))
+    return load_settings(
+        env_file=None,
+        kafka={"bootstrap_servers": "", "topic": "samples"},
+        store={"path": root / "store", "chunk_size": args.chunk_size or pace["chunk_size"]},
+        model={"name": "lenet-300-100", "input_shape": pace["input_shape"], "num_classes": 10,
+               "path": root / "models"},
+        serve={"host": "127.0.0.1", "port": args.port},
+        train={"schedule": args.schedule, "device": args.device})
+
+
+def _print_update(result: Any) -> None:
+    if result.outcome != "success":
+        print(f"  update {result.outcome}: {result.reason or '-'} "
+              f"(chunks {', '.join(result.chunk_ids)})", flush=True)
+        return
+    v = result.version
+    print(f"  v{v.version:<3d} val accuracy {v.val_accuracy:6.2%}   params "
+          f"{v.active_params:>7,} / {v.dense_params:,} ({v.compression:4.1f}x smaller)   "
+          f"cost {v.cost.epochs:5.2f} epochs, {v.cost.wall_seconds:5.1f} s on {v.cost.device}"
+          f"   chunks {', '.join(v.chunk_ids)}", flush=True)
+
+
+def _stream(messages: Iterator[Any], stop: threading.Event) -> Iterator[Any]:
+    for m in messages:
+        if stop.is_set():
+            return
+        yield m
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
+    if args.log_level != "DEBUG":  # the producer's idempotence notice is noise in a demo
+        logging.getLogger("kafka").setLevel(logging.ERROR)
+    dataset = _demo_dataset(args.dataset)
+    settings = _demo_settings(args, dataset)
+    from daemon.app import Daemon
+
+    rate = args.rate or _DEMO[dataset]["rate"]
+    successes: list[Any] = []
+    daemon = Daemon(settings, on_update=lambda r: (
+        _print_update(r), r.outcome == "success" and successes.append(r)))
+    try:
+        daemon.start()
+    except Exception as e:  # noqa: BLE001 - e.g. the port is taken: say so and exit
+        print(f"gnpd demo: could not start: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    url = daemon.url
+    print(f"\ngnpd demo: {dataset}, chunks of {settings.store.chunk_size} samples at "
+          f"{rate:g} samples/s, schedule '{settings.train.schedule}'\n"
+          f"  model      {url}/v1/model\n  metrics    {url}/metrics\n  API docs   {url}/docs\n"
+          f"  data       {settings.store.path.parent}\n"
+          f"Stops after {args.updates} updates (Ctrl-C to stop now). The first version "
+          f"appears once the first chunk has sealed and trained.\n", flush=True)
+    stop = threading.Event()
+    _start_feed(daemon.bootstrap_servers, settings.kafka.topic, dataset, rate, stop)
+    status = _Status(daemon)
+
+    try:
+        clean = daemon.run(until=lambda: len(successes) >= args.updates or status.tick(),
+                           before_stop=stop.set)  # quiet the producer before the broker goes
+    finally:
+        stop.set()
+    print(f"gnpd demo: done after {len(successes)} update(s); checkpoints and chunks stay in "
+          f"{settings.store.path.parent}", flush=True)
+    return _exit(clean)
+
+
+def _start_feed(bootstrap: str, topic: str, dataset: str, rate: float,
+                stop: threading.Event) -> None:
+    """Stream the data set's training samples to the topic from a thread until ``stop``."""
+    from daemon.producer import dataset_messages, produce
+
+    def feed() -> None:
+        try:
+            n = produce(bootstrap, topic, _stream(dataset_messages(dataset, shuffle=True), stop),
+                        rate)
+            if not stop.is_set():
+                print(f"  producer: all {n:,} {dataset} training samples sent", flush=True)
+        except Exception as e:  # noqa: BLE001 - after a stop the broker may be gone already
+            if not stop.is_set():
+                print(f"  producer failed: {type(e).__name__}: {e}", flush=True)
+
+    threading.Thread(target=feed, name="demo-producer", daemon=True).start()
+
+
+class _Status:
+    """Prints what the daemon is doing every 15 s while the demo waits for updates."""
+
+    def __init__(self, daemon: Any, every: float = 15.0) -> None:
+        self.daemon, self.every, self.next = daemon, every, time.monotonic() + every
+
+    def tick(self) -> bool:
+        if time.monotonic() >= self.next:
+            self.next += self.every
+            m = self.daemon.metrics.registry.get_sample_value
+            busy = self.daemon.updater is not None and self.daemon.updater.busy
+            print(f"  ... {m('gnp_ingest_samples_total') or 0:,.0f} samples ingested, "
+                  f"{m('gnp_store_chunks') or 0:.0f} chunks sealed, "
+                  f"{m('gnp_store_buffered_samples') or 0:,.0f} not yet learnt"
+                  f"{', update running' if busy else ''}", flush=True)
+        return False
+
+
+def _cmd_produce(args: argparse.Namespace) -> int:
+    from daemon.producer import run_produce
+
+    _configure_logging(args.log_level)
+    return run_produce(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    def common(default: str) -> argparse.ArgumentParser:
+        c = argparse.ArgumentParser(add_help=False)
+        c.add_argument("--log-level", type=str.upper, default=os.environ.get(
+            "GNPD_LOG_LEVEL", default), choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+            help=f"logging level (default $GNPD_LOG_LEVEL or {default})")
+        return c
+
+    p = argparse.ArgumentParser(prog="gnpd", description="gnpd: a streaming continual-learning "
+                                "daemon (Kafka -> Arrow chunks -> grow-and-prune -> HTTP serving)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", parents=[common("INFO")],
+                         help="run the daemon (settings from GNPD_* env vars)")
+    run.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    run.set_defaults(func=_cmd_run)
+
+    demo = sub.add_parser("demo", parents=[common("WARNING")],
+                          help="broker + daemon + producer: watch the model learn")
+    demo.add_argument("--updates", type=int, default=5, help="stop after N updates (default 5)")
+    demo.add_argument("--dataset", choices=sorted(_DEMO), default=None,
+                      help="default fashion-mnist when installed, else digits")
+    demo.add_argument("--rate", type=float, default=None, help="samples per second")
+    demo.add_argument("--chunk-size", type=int, default=None, help="samples per chunk")
+    demo.add_argument("--schedule", choices=["quick", "paper"], default="quick")
+    demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    demo.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    demo.add_argument("--dir", default=None, help="folder for chunks and checkpoints "
+                      "(default a new temp folder)")
+    demo.set_defaults(func=_cmd_demo)
+
+    from daemon.producer import add_produce_args
+
+    produce = sub.add_parser("produce", parents=[common("WARNING")],
+                             help="stream labelled samples to the topic")
+    add_produce_args(produce)
+    produce.set_defaults(func=_cmd_produce)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``gnpd`` and ``python -m daemon``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Reference producer: stream a data set or a JSON-lines file to the samples topic.
+
+``python -m daemon produce --dataset fashion-mnist --rate 200`` sends one message
+per training sample (see ``schemas/sample.schema.json``)::
+
+    {"id": "fashion-mnist/train/123", "features": [0.0, 0.0039, ...], "label": 9,
+     "timestamp": 1718000000.123}
+
+``--file PATH.jsonl`` sends each non-blank line as it is -- including invalid
+ones, which is how to exercise the dead-letter topic by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+__all__ = [
+    "add_produce_args",
+    "dataset_messages",
+    "file_messages",
+    "produce",
+    "produce_main",
+    "run_produce",
+]
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, Any] | bytes | str
+_BLOCK = 1024  # dataset rows converted to lists at a time
+
+
+def dataset_messages(name: str, split: str = "train", *, shuffle: bool = False, seed: int = 0,
+                     root: str | Path | None = None) -> Iterator[dict[str, Any]]:
+    """Messages for every sample of ``gnp.data.load_dataset(name)``'s ``split``.
+
+    Features are flattened and rounded to 4 decimals (pixels / 255 for images);
+    ``id`` is ``"<name>/<split>/<index>"``; ``timestamp`` is the send time.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    from gnp.data import load_dataset  # torch is imported only when a data set is used
+
+    data = getattr(load_dataset(name, root=root), split)
+    x = data.x.reshape(len(data.x), -1).numpy()
+    y = data.y.numpy()
+    order = np.random.default_rng(seed).permutation(len(y)) if shuffle else np.arange(len(y))
+    for start in range(0, len(order), _BLOCK):
+        idx = order[start:start + _BLOCK]
+        # float64 before rounding: float32 0.1235 would print as 0.12349999696016312
+        rows = np.round(x[idx].astype(np.float64), 4).tolist()
+        for i, row, label in zip(idx.tolist(), rows, y[idx].tolist(), strict=True):
+            yield {"id": f"{name}/{split}/{i}", "features": row, "label": label,
+                   "timestamp": time.time()}
+
+
+def file_messages(path: str | Path) -> Iterator[bytes]:
+    """The non-blank lines of a JSON-lines file, as raw bytes (not validated)."""
+    with open(path, "rb") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                yield line
+
+
+def _encode(message: Message) -> bytes:
+    if isinstance(message, bytes):
+        return message
+    if isinstance(message, str):
+        return message.encode("utf-8")
+    return json.dumps(message, separators=(",", ":")).encode("utf-8")
+
+
+class _Progress:
+    """Prints ``sent N (R msg/s)`` to a stream at most every ``interval`` seconds."""
+
+    def __init__(self, stream: TextIO | None, interval: float = 2.0) -> None:
+        self.stream, self.interval = stream, interval
+        self.start = self.last = time.monotonic()
+
+    def update(self, sent: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.stream is None or (not final and now - self.last < self.interval):
+            return
+        self.last = now
+        rate = sent / max(now - self.start, 1e-9)
+        end = "\n" if final else "\r"
+        print(f"sent {sent} messages ({rate:,.0f} msg/s)", end=end, file=self.stream, flush=True)
+
+
+def produce(bootstrap: str, topic: str, messages: Iterable[Message], rate: float | None = None,
+            *, limit: int | None = None, progress: TextIO | None = None,
+            producer: Any = None, sleep: Callable[[float], None] = time.sleep,
+            clock: Callable[[], float] = time.monotonic) -> int:
+    """Send messages to ``topic`` and wait until all are acknowledged.
+
+    Args:
+        bootstrap: Kafka bootstrap servers (ignored when ``producer`` is given).
+        topic: destination topic.
+        messages: dicts (sent as compact JSON) or bytes/str (sent as they are).
+        rate: messages per second, kept to a schedule; None or 0 = as fast as possible.
+        limit: send at most this many.
+        progress: stream for a progress line every 2 s (e.g. ``sys.stderr``); None = quiet.
+        producer: a KafkaProducer-like object to use instead of creating one.
+
+    Returns:
+        Number of messages acknowledged by the broker.
+
+    Raises:
+        ValueError: for a negative rate or limit.
+        RuntimeError: if some sends failed (after the rest were flushed).
+    """
+    if rate is not None and rate < 0:
+        raise ValueError(f"rate must be >= 0 messages/s, got {rate}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    own = producer is None
+    if own:
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(bootstrap_servers=bootstrap, client_id="gnpd-producer",
+                                 linger_ms=20, batch_size=512 * 1024, acks=1)
+    failures: list[BaseException] = []
+    meter = _Progress(progress)
+    start, sent = clock(), 0
+    try:
+        for message in itertools.islice(messages, limit):
+            if rate:
+                delay = start + sent / rate - clock()
+                if delay > 0:
+                    sleep(delay)
+            producer.send(topic, value=_encode(message)).add_errback(failures.append)
+            sent += 1
+            meter.update(sent)
+        producer.flush()
+    finally:
+        if own:
+            producer.close()
+    meter.update(sent, final=True)
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {sent} sends failed; first: {failures[0]!r}")
+    return sent
+
+
+def add_produce_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``produce`` command's options to ``parser``."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help="data set name for gnp.data.load_dataset, "
+                        "e.g. fashion-mnist or digits")
+    source.add_argument("--file", type=Path, help="JSON-lines file; each line is sent as is")
+    parser.add_argument("--split", choices=("train", "test"), default="train",
+                        help="which part of the data set (default train)")
+    parser.add_argument("--data-root", type=Path, default=None, help="data set directory")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="messages per second (default 0 = as fast as possible)")
+    parser.add_argument("--limit", type=int, default=None, help="send at most this many")
+    parser.add_argument("--bootstrap-servers", default=None,
+                        help="Kafka bootstrap servers (default GNPD_KAFKA__BOOTSTRAP_SERVERS)")
+    parser.add_argument("--topic", default=None,
+                        help="topic (default GNPD_KAFKA__TOPIC or samples)")
+    parser.add_argument("--shuffle", action="store_true", help="send the data set in random order")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --shuffle")
+    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    return parser
+
+
+def run_produce(args: argparse.Namespace) -> int:
+    """Run the ``produce`` command; returns the process exit code."""
+    from daemon.settings import SettingsError, load_settings
+
+    try:
+        kafka = load_settings().kafka
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    bootstrap = args.bootstrap_servers or kafka.bootstrap_servers
+    if not bootstrap:
+        print("error: no broker: pass --bootstrap-servers or set GNPD_KAFKA__BOOTSTRAP_SERVERS",
+              file=sys.stderr)
+        return 2
+    if args.file is not None:
+        messages: Iterable[Message] = file_messages(args.file)
+    else:
+        messages = dataset_messages(args.dataset, args.split, shuffle=args.shuffle,
+                                    seed=args.seed, root=args.data_root)
+    try:
+        sent = produce(bootstrap, args.topic or kafka.topic, messages, args.rate,
+                       limit=args.limit, progress=None if args.quiet else sys.stderr)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - kafka errors: one line, not a traceback
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    log.info("sent %d messages to %s", sent, args.topic or kafka.topic)
+    return 0
+
+
+def produce_main(argv: list[str] | None = None) -> int:
+    """Entry point: ``produce_main(["--file", "x.jsonl", "--bootstrap-servers", "h:9092"])``."""
+    parser = argparse.ArgumentParser(prog="gnpd produce", description=__doc__.splitlines()[0])
+    return run_produce(add_produce_args(parser).parse_args(argv))

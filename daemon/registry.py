@@ -1,0 +1,340 @@
+"""Model checkpoints on disk and the model being served.
+
+A version is two files in the registry folder: ``v000007.safetensors`` (the model's
+state dict: weights and masks, plus string metadata in the safetensors header) and
+``v000007.json`` (a :class:`ModelVersion`, including the SHA-256 of the weights file).
+Both are written to a temp file, fsynced and renamed, the JSON last: a version exists
+only once both are complete. Loading builds a fresh model and loads the tensors
+strictly; nothing is ever unpickled.
+
+:class:`ServedModel` holds the published ``(model, version)`` pair as one immutable
+object that is replaced by a single reference assignment, so a request reads the pair
+once and is answered wholly by one model, even while a swap happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "ModelRegistry",
+    "ModelVersion",
+    "NoModelError",
+    "Prediction",
+    "ServedModel",
+    "UpdateCost",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "gnpd-checkpoint/1"
+_NAME = re.compile(r"^v(\d{6,})\.(json|safetensors)$")
+
+Builder = Callable[[str, tuple[int, ...], int], nn.Module]
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is incomplete, corrupt or does not fit the configured model."""
+
+
+class NoModelError(RuntimeError):
+    """Raised by :meth:`ServedModel.predict` before any model has been published."""
+
+
+@dataclass(frozen=True)
+class UpdateCost:
+    """Training cost of the update that produced a version (see gnp.Cost)."""
+
+    sample_passes: int = 0
+    epochs: float = 0.0
+    wall_seconds: float = 0.0
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """Metadata of one checkpoint: lineage, the data it saw, its quality and cost.
+
+    ``chunk_ids`` are the chunks this update learnt as new data; ``seen_chunk_ids`` is
+    the lineage: every chunk this model or one of its ancestors learnt as new data.
+    ``offsets`` maps each new chunk id to ``{partition: [first, last]}`` offsets.
+    """
+
+    version: int
+    parent: int | None
+    created: float
+    model_name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    chunk_ids: tuple[str, ...] = ()
+    seen_chunk_ids: tuple[str, ...] = ()
+    offsets: Mapping[str, Mapping[str, tuple[int, int]]] = field(default_factory=dict)
+    val_accuracy: float = 0.0
+    active_params: int = 0
+    dense_params: int = 0
+    cost: UpdateCost = UpdateCost()
+    weights_sha256: str = ""
+
+    @property
+    def compression(self) -> float:
+        """Dense parameters per active parameter (1.0 = dense)."""
+        return self.dense_params / self.active_params if self.active_params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["chunk_ids"] = list(self.chunk_ids)
+        d["seen_chunk_ids"] = list(self.seen_chunk_ids)
+        d["offsets"] = {c: {p: list(r) for p, r in parts.items()}
+                        for c, parts in self.offsets.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelVersion:
+        """Inverse of :meth:`to_dict`; raises KeyError/TypeError/ValueError if malformed."""
+        offsets = {str(c): {str(p): (int(r[0]), int(r[1])) for p, r in parts.items()}
+                   for c, parts in dict(d.get("offsets", {})).items()}
+        parent = d["parent"]
+        return cls(
+            version=int(d["version"]),
+            parent=None if parent is None else int(parent),
+            created=float(d["created"]),
+            model_name=str(d["model_name"]),
+            input_shape=tuple(int(s) for s in d["input_shape"]),
+            num_classes=int(d["num_classes"]),
+            chunk_ids=tuple(str(c) for c in d.get("chunk_ids", ())),
+            seen_chunk_ids=tuple(str(c) for c in d.get("seen_chunk_ids", ())),
+            offsets=offsets,
+            val_accuracy=float(d.get("val_accuracy", 0.0)),
+            active_params=int(d.get("active_params", 0)),
+            dense_params=int(d.get("dense_params", 0)),
+            cost=UpdateCost(**dict(d.get("cost", {}))),
+            weights_sha256=str(d.get("weights_sha256", "")),
+        )
+
+
+def _default_builder(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    import gnp  # imported lazily: serving and unit tests can run without training code
+
+    return gnp.build_model(name, input_shape=input_shape, num_classes=num_classes)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsynced temp file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ModelRegistry:
+    """Versioned checkpoints of one model architecture in one folder.
+
+    Args:
+        path: the folder (created if missing).
+        model_name, input_shape, num_classes: the architecture every version must have.
+        builder: builds a fresh model to load into; defaults to ``gnp.build_model``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], model_name: str,
+                 input_shape: Sequence[int], num_classes: int,
+                 builder: Builder | None = None) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.model_name = model_name
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.num_classes = int(num_classes)
+        self._build = builder or _default_builder
+        self._lock = threading.Lock()
+        self._meta_cache: dict[int, ModelVersion] = {}  # metadata files never change once written
+
+    def build(self) -> nn.Module:
+        """A fresh, untrained model of the registry's architecture."""
+        return self._build(self.model_name, self.input_shape, self.num_classes)
+
+    def save(self, model: nn.Module, meta: ModelVersion) -> ModelVersion:
+        """Write ``model`` as a new version; returns ``meta`` with version, sha and created set.
+
+        The version number is one above every number already on disk (complete or not),
+        so a corrupt file is never overwritten; ``meta.parent`` is kept as given.
+        """
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        with self._lock:
+            number = self._next_number()
+            header = {"format": FORMAT, "version": str(number), "model_name": self.model_name,
+                      "input_shape": json.dumps(list(self.input_shape)),
+                      "num_classes": str(self.num_classes)}
+            blob = safetensors.torch.save(tensors, metadata=header)
+            version = dataclasses.replace(
+                meta, version=number, created=meta.created or time.time(),
+                model_name=self.model_name, input_shape=self.input_shape,
+                num_classes=self.num_classes, weights_sha256=hashlib.sha256(blob).hexdigest())
+            _write_atomic(self._file(number, "safetensors"), blob)
+            text = json.dumps(version.to_dict(), indent=2, sort_keys=True) + "\n"
+            _write_atomic(self._file(number, "json"), text.encode())
+            _fsync_dir(self.path)
+        log.info("saved model version %d (parent %s, val accuracy %.4f)",
+                 number, version.parent, version.val_accuracy)
+        return version
+
+    def history(self) -> list[ModelVersion]:
+        """Every version whose metadata is readable, oldest first (weights not verified)."""
+        out = []
+        for number in self._numbers("json"):
+            meta = self._meta_cache.get(number)
+            if meta is None:
+                try:
+                    meta = self._meta_cache[number] = self._read_meta(number)
+                except CheckpointError as e:
+                    log.debug("skipping version %d in history: %s", number, e)
+                    continue
+            out.append(meta)
+        return out
+
+    def load(self, number: int) -> tuple[nn.Module, ModelVersion]:
+        """Load one version strictly into a fresh model (eval mode); raises CheckpointError."""
+        meta = self._read_meta(number)
+        try:
+            blob = self._file(number, "safetensors").read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"version {number}: cannot read weights: {e}") from e
+        if hashlib.sha256(blob).hexdigest() != meta.weights_sha256:
+            raise CheckpointError(f"version {number}: weights file does not match its SHA-256")
+        try:
+            tensors = safetensors.torch.load(blob)
+            model = self.build()
+            model.load_state_dict(tensors, strict=True)
+        except Exception as e:  # safetensors and torch raise several types
+            raise CheckpointError(f"version {number}: cannot load weights: {e}") from e
+        model.eval()
+        return model, meta
+
+    def latest(self) -> tuple[nn.Module, ModelVersion] | None:
+        """The newest version that loads, skipping incomplete or corrupt ones; None if none."""
+        for number in reversed(self._numbers("json")):
+            try:
+                return self.load(number)
+            except CheckpointError as e:
+                log.warning("ignoring checkpoint: %s", e)
+        return None
+
+    # -- helpers --------------------------------------------------------------
+
+    def _file(self, number: int, ext: str) -> Path:
+        return self.path / f"v{number:06d}.{ext}"
+
+    def _numbers(self, ext: str | None = None) -> list[int]:
+        found = set()
+        for p in self.path.iterdir():
+            m = _NAME.match(p.name.removesuffix(".tmp"))
+            if m and (ext is None or (m.group(2) == ext and not p.name.endswith(".tmp"))):
+                found.add(int(m.group(1)))
+        return sorted(found)
+
+    def _next_number(self) -> int:
+        numbers = self._numbers()
+        return numbers[-1] + 1 if numbers else 1
+
+    def _read_meta(self, number: int) -> ModelVersion:
+        try:
+            meta = ModelVersion.from_dict(json.loads(self._file(number, "json").read_text()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise CheckpointError(f"version {number}: unreadable metadata: {e}") from e
+        if meta.version != number:
+            raise CheckpointError(f"version {number}: metadata says version {meta.version}")
+        arch = (meta.model_name, meta.input_shape, meta.num_classes)
+        if arch != (self.model_name, self.input_shape, self.num_classes):
+            raise CheckpointError(
+                f"version {number}: architecture {arch} differs from the configured "
+                f"{(self.model_name, self.input_shape, self.num_classes)}")
+        return meta
+
+
+class Prediction(NamedTuple):
+    """Answer of one predict call, all from the same model."""
+
+    labels: np.ndarray         # (N,) int64
+    probabilities: np.ndarray  # (N, num_classes) float32
+    version: int
+
+
+@dataclass(frozen=True)
+class _Published:
+    model: nn.Module
+    version: ModelVersion
+
+
+class ServedModel:
+    """The model currently answering requests, replaced atomically by :meth:`publish`.
+
+    Published models are put in eval mode and must never be mutated afterwards (the
+    updater trains a deep copy). Concurrent :meth:`predict` calls are safe.
+    """
+
+    def __init__(self, input_shape: Sequence[int]) -> None:
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self._current: _Published | None = None
+
+    def publish(self, model: nn.Module, version: ModelVersion) -> None:
+        """Serve ``model`` from now on; requests already running finish on the old one."""
+        model.eval()
+        self._current = _Published(model, version)  # one reference assignment: atomic
+
+    def current(self) -> tuple[nn.Module, ModelVersion] | None:
+        """The published (model, version) pair, read once; None before the first publish."""
+        cur = self._current
+        return None if cur is None else (cur.model, cur.version)
+
+    @property
+    def version(self) -> ModelVersion | None:
+        cur = self._current
+        return None if cur is None else cur.version
+
+    def predict(self, x: np.ndarray | torch.Tensor) -> Prediction:
+        """Class labels and probabilities for ``x`` of shape (N, *input_shape) or (N, D).
+
+        Raises:
+            NoModelError: nothing published yet.
+            ValueError: ``x`` does not hold N instances of the input shape.
+        """
+        cur = self._current  # read once: the whole answer comes from this pair
+        if cur is None:
+            raise NoModelError("no model is served yet")
+        t = torch.as_tensor(x, dtype=torch.float32)
+        if t.ndim < 1 or math.prod(t.shape[1:]) != math.prod(self.input_shape):
+            raise ValueError(f"expected instances of shape {list(self.input_shape)}, "
+                             f"got array of shape {list(t.shape)}")
+        t = t.reshape(t.shape[0], *self.input_shape)
+        with torch.inference_mode():
+            probs = torch.softmax(cur.model(t).float(), dim=1)
+        labels = probs.argmax(dim=1)
+        return Prediction(labels.numpy(), probs.numpy(), cur.version.version)

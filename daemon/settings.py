@@ -1,0 +1,174 @@
+"""Daemon configuration: one pydantic-settings root with a section per component.
+
+Every field can be set from the environment with the ``GNPD_`` prefix and ``__``
+between section and field (``GNPD_STORE__CHUNK_SIZE=5000``,
+``GNPD_MODEL__INPUT_SHAPE='[1,28,28]'``), from a ``.env`` file, or by keyword
+arguments in tests (``Settings(store={"chunk_size": 10})``). Build it once in
+``main()`` with :func:`load_settings` and pass the sections down.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as _SourceError
+
+__all__ = [
+    "ENV_PREFIX",
+    "KafkaSettings",
+    "ModelSettings",
+    "ServeSettings",
+    "Settings",
+    "SettingsError",
+    "StoreSettings",
+    "TrainSettings",
+    "load_settings",
+]
+
+ENV_PREFIX = "GNPD_"
+_NESTED = "__"
+
+
+class _Section(BaseModel):
+    # A typo inside a section (GNPD_STORE__CHUNKSIZE) is an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    """Where samples come from and where rejected messages go."""
+
+    bootstrap_servers: str = Field(
+        "", description="host:port[,host:port]; empty = start the embedded Tansu broker")
+    topic: str = Field("samples", min_length=1)
+    dlq_topic: str | None = Field(None, description="dead-letter topic; default '<topic>.dlq'")
+    group_id: str = Field("gnpd", min_length=1, description="offsets are committed under it")
+    poll_timeout_ms: int = Field(500, gt=0)
+    max_message_bytes: int = Field(1_000_000, gt=0)
+    topic_partitions: int = Field(
+        1, gt=0, description="partitions of the topic when gnpd has to create it")
+
+    @property
+    def effective_dlq_topic(self) -> str:
+        """The dead-letter topic actually used: ``dlq_topic`` or ``<topic>.dlq``."""
+        return self.dlq_topic or f"{self.topic}.dlq"
+
+
+class StoreSettings(_Section):
+    """The on-disk Arrow chunk store."""
+
+    path: Path = Path("data/store")
+    chunk_size: int = Field(5000, gt=0)
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+
+
+class ModelSettings(_Section):
+    """What the model sees: architecture name, input shape, classes, checkpoints."""
+
+    name: str = Field("lenet-300-100", min_length=1)
+    input_shape: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 28, 28])
+    num_classes: int = Field(10, ge=2)
+    path: Path = Path("data/models")
+
+    @field_validator("input_shape", mode="before")
+    @classmethod
+    def _parse_shape(cls, value: Any) -> Any:
+        # Accept '[1,28,28]' (JSON) and the shorter '1,28,28' / '1x28x28' from env vars.
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"input shape {value!r} is not a JSON list: {exc.msg}") from None
+        parts = [p.strip() for p in text.replace("x", ",").split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise ValueError(f"input shape {value!r} is not like [1,28,28] or 1,28,28")
+        return [int(p) for p in parts]
+
+    @field_validator("input_shape")
+    @classmethod
+    def _check_shape(cls, value: list[int]) -> list[int]:
+        if not value or any(d <= 0 for d in value):
+            raise ValueError(f"input shape {value} must be a non-empty list of positive sizes")
+        return value
+
+    @property
+    def input_size(self) -> int:
+        """Number of features in one sample, the product of ``input_shape``."""
+        return math.prod(self.input_shape)
+
+
+class ServeSettings(_Section):
+    """The HTTP server (predict, health, metrics)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+
+class TrainSettings(_Section):
+    """How updates run and when a finished update is refused."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    schedule: Literal["paper", "quick"] = "paper"
+    stop_timeout_seconds: float = Field(30.0, gt=0.0)
+    min_accuracy: float = Field(0.0, ge=0.0, le=1.0)
+    max_accuracy_drop: float = Field(0.2, ge=0.0, le=1.0)
+
+
+class Settings(BaseSettings):
+    """All daemon settings; environment variables ``GNPD_<SECTION>__<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=_NESTED,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",  # a .env file may hold other programs' variables
+        frozen=True,
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+
+class SettingsError(ValueError):
+    """Invalid configuration; the message has one line per bad field, named as its env var."""
+
+
+def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
+    """Build :class:`Settings` from keyword overrides, the environment and ``env_file``.
+
+    Raises:
+        SettingsError: with lines like
+            ``GNPD_STORE__CHUNK_SIZE: Input should be greater than 0``.
+    """
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        lines = [f"{_env_name(err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+                 for err in exc.errors()]
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+    except _SourceError as exc:  # e.g. an env var for a list that is not JSON
+        raise SettingsError(f"invalid settings: {exc}") from None
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    """('store', 'chunk_size') -> 'GNPD_STORE__CHUNK_SIZE'; list items get '[i]'."""
+    name = ENV_PREFIX.rstrip("_")
+    sep = "_"
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += sep + str(part).upper()
+            sep = _NESTED
+    return name

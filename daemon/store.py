@@ -1,0 +1,406 @@
+"""Durable Arrow chunk store: the daemon's record of every sample it has accepted.
+
+Layout under ``path``::
+
+    manifest.json            chunks + next Kafka offset per partition (atomic replace)
+    chunks/chunk-000001.arrow
+    chunks/chunk-000002.arrow ...
+
+Samples are buffered in memory and *sealed* into an immutable Arrow IPC file
+each time ``chunk_size`` of them have arrived. A seal writes the chunk to a temp
+file, fsyncs it, renames it into place, then replaces the manifest the same way.
+The manifest is the only source of truth: at start-up, chunk files it does not
+list (a crash between the rename and the manifest write) and temp files are
+deleted, and ingestion resumes from the manifest's ``next_offsets`` -- the
+messages of the lost chunk and of the open buffer are read again from Kafka.
+
+Offsets: ``next_offsets[p]`` is one past the last message of partition ``p``
+*consumed* before the seal, valid or rejected. The ingestor reports rejected
+messages with :meth:`ChunkStore.skip` so they count too. The file format is
+described in ``schemas/chunk.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+
+from daemon.messages import Sample
+
+__all__ = ["CHUNK_SCHEMA_VERSION", "ChunkInfo", "ChunkStore", "chunk_schema", "val_mask"]
+
+log = logging.getLogger(__name__)
+
+CHUNK_SCHEMA_VERSION = 1
+_MANIFEST = "manifest.json"
+_CHUNK_DIR = "chunks"
+_TMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """A sealed chunk: ``offsets[p] = (first, last)`` Kafka offsets of its samples."""
+
+    id: int
+    path: Path
+    rows: int
+    offsets: dict[int, tuple[int, int]]
+    created: float
+
+
+def chunk_schema(input_size: int) -> pa.Schema:
+    """The Arrow schema of a chunk file whose samples have ``input_size`` features."""
+    return pa.schema([
+        pa.field("features", pa.list_(pa.float32(), input_size), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),
+        pa.field("partition", pa.int32(), nullable=False),
+        pa.field("offset", pa.int64(), nullable=False),
+        pa.field("id", pa.string()),
+        pa.field("timestamp", pa.float64()),
+        pa.field("split", pa.string(), nullable=False),
+    ], metadata={"gnpd.chunk_schema_version": str(CHUNK_SCHEMA_VERSION)})
+
+
+def val_mask(partitions: np.ndarray, offsets: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Which samples of a chunk are validation: exactly round(f * n) of them.
+
+    The samples with the smallest hash of (partition, offset) are chosen, so the
+    choice is deterministic, independent of arrival order and -- as the offsets of
+    a message never change -- the same when a chunk is rebuilt after a crash.
+    """
+    n = len(offsets)
+    k = int(round(val_fraction * n))
+    keys = (partitions.astype(np.uint64) << np.uint64(40)) ^ offsets.astype(np.uint64)
+    order = np.argsort(_splitmix64(keys), kind="stable")
+    mask = np.zeros(n, dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class ChunkStore:
+    """Buffers samples, seals them into Arrow chunks, serves them back as arrays.
+
+    Thread-safety: one writer (the ingest thread) calls append/skip/flush; any
+    thread may call chunks(), dataset() and the offset getters.
+    """
+
+    def __init__(self, path: str | Path, chunk_size: int, input_shape: Sequence[int],
+                 val_fraction: float = 0.1) -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+        if not 0.0 <= val_fraction < 0.5:
+            raise ValueError(f"val_fraction must be in [0, 0.5), got {val_fraction}")
+        if not input_shape or any(int(d) <= 0 for d in input_shape):
+            raise ValueError(f"input_shape must be positive sizes, got {list(input_shape)}")
+        self.path = Path(path)
+        self.chunk_size = chunk_size
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.input_size = math.prod(self.input_shape)
+        self.val_fraction = val_fraction
+        self._schema = chunk_schema(self.input_size)
+        self._lock = threading.Lock()
+        self._chunks: list[ChunkInfo] = []
+        self._next: dict[int, int] = {}
+        self._topic_id: str | None = None
+        self._load()
+        self._reset_buffer()
+
+    # ---- offsets ---------------------------------------------------------------
+
+    def next_offsets(self) -> dict[int, int]:
+        """Durable resume point: partition -> next offset to read after the last seal."""
+        with self._lock:
+            return dict(self._next)
+
+    def positions(self) -> dict[int, int]:
+        """In-session resume point: past the sealed chunks *and* the open buffer."""
+        with self._lock:
+            return dict(self._consumed)
+
+    @property
+    def buffered(self) -> int:
+        """Samples in the open (not yet durable) buffer."""
+        return len(self._buffer)
+
+    # ---- writing ---------------------------------------------------------------
+
+    def append(self, samples: Sequence[Sample]) -> list[ChunkInfo]:
+        """Add samples in consumption order; seal a chunk each time chunk_size is reached.
+
+        Samples at an offset already consumed in this session (or already durable)
+        are ignored, so a re-delivered message is never stored twice.
+
+        Returns:
+            The chunks sealed by this call (often none).
+        """
+        sealed = []
+        for sample in samples:
+            if sample.features.shape != (self.input_size,):
+                raise ValueError(f"sample at partition {sample.partition} offset {sample.offset} "
+                                 f"has {sample.features.size} features, the store expects "
+                                 f"{self.input_size} (input_shape {list(self.input_shape)})")
+            if not self._consume(sample.partition, sample.offset):
+                continue
+            self._buffer.append(sample)
+            if len(self._buffer) >= self.chunk_size:
+                sealed.append(self._seal())
+        return sealed
+
+    def skip(self, partition: int, offset: int) -> bool:
+        """Record a consumed message that is not stored (rejected to the dead-letter topic).
+
+        Returns:
+            False if the offset was already consumed (a re-delivery), else True.
+        """
+        return self._consume(partition, offset)
+
+    def flush(self) -> ChunkInfo | None:
+        """Seal the open buffer even if it is short of chunk_size; None if it is empty.
+
+        The daemon does not call this (a partial buffer is simply re-read from
+        Kafka after a restart); it is for tests and one-off imports.
+        """
+        return self._seal() if self._buffer else None
+
+    def discard_buffer(self) -> int:
+        """Drop the open buffer and rewind to the durable offsets; returns samples dropped.
+
+        Used by the ingestor to recover from an error: it then seeks Kafka back to
+        :meth:`next_offsets` and reads the dropped messages again.
+        """
+        dropped = len(self._buffer)
+        self._reset_buffer()
+        return dropped
+
+    @property
+    def topic_id(self) -> str | None:
+        """Kafka id of the topic incarnation the offsets refer to (None if unknown)."""
+        return self._topic_id
+
+    def bind_topic(self, topic_id: str | None) -> bool:
+        """Tie the offsets to a Kafka topic id; on a new id, start again from offset 0.
+
+        A topic deleted and created again (or a fresh broker with memory storage)
+        numbers its messages from 0 again, so the stored offsets would skip new
+        messages. On a changed id all offsets are cleared and the open buffer is
+        dropped (it may already hold messages of the new topic, which are then read
+        again). The id and offsets are saved with the next seal.
+
+        Returns:
+            True if the positions were reset.
+        """
+        if topic_id is None or topic_id == self._topic_id:
+            return False
+        reset = self._topic_id is not None
+        self._topic_id = topic_id
+        if reset:
+            with self._lock:  # the old offsets mean nothing now, durable ones included
+                self._buffer, self._consumed, self._next = [], {}, {}
+        return reset
+
+    def rebase(self, partition: int, offset: int) -> None:
+        """Move a partition's position to ``offset`` (for a topic that was recreated).
+
+        Buffered samples stay; the durable offsets follow at the next seal.
+        """
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        with self._lock:
+            self._consumed[partition] = offset
+            if self._next.get(partition, 0) > offset:
+                self._next[partition] = offset  # also after a discard_buffer()
+
+    def _reset_buffer(self) -> None:
+        with self._lock:
+            self._buffer: list[Sample] = []
+            self._consumed: dict[int, int] = dict(self._next)
+
+    def _consume(self, partition: int, offset: int) -> bool:
+        if offset < self._consumed.get(partition, 0):
+            return False
+        self._consumed[partition] = offset + 1  # under the GIL a dict store is atomic
+        return True
+
+    def _seal(self) -> ChunkInfo:
+        samples, self._buffer = self._buffer, []
+        chunk_id = self._chunks[-1].id + 1 if self._chunks else 1
+        final = self.path / _CHUNK_DIR / f"chunk-{chunk_id:06d}.arrow"
+        try:
+            table = self._to_table(samples)
+            _write_atomic(final, lambda f: _write_ipc(f, table))
+            info = ChunkInfo(chunk_id, final, len(samples), _offset_ranges(table), time.time())
+            next_offsets = dict(self._consumed)
+            self._write_manifest(self._chunks + [info], next_offsets)
+        except BaseException:
+            self._buffer = samples + self._buffer  # nothing became durable: keep the samples
+            raise
+        with self._lock:
+            self._chunks.append(info)
+            self._next = next_offsets
+        return info
+
+    def _to_table(self, samples: list[Sample]) -> pa.Table:
+        n = len(samples)
+        features = np.stack([s.features for s in samples]).astype(np.float32, copy=False)
+        partitions = np.fromiter((s.partition for s in samples), np.int32, n)
+        offsets = np.fromiter((s.offset for s in samples), np.int64, n)
+        split = np.where(val_mask(partitions, offsets, self.val_fraction), "val", "train")
+        timestamps = [None if s.timestamp is None else float(s.timestamp) for s in samples]
+        return pa.Table.from_arrays([
+            pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), self.input_size),
+            pa.array(np.fromiter((s.label for s in samples), np.int64, n)),
+            pa.array(partitions),
+            pa.array(offsets),
+            pa.array([s.id for s in samples], pa.string()),
+            pa.array(timestamps, pa.float64()),
+            pa.array(split.tolist(), pa.string()),
+        ], schema=self._schema)
+
+    # ---- reading ---------------------------------------------------------------
+
+    def chunks(self) -> list[ChunkInfo]:
+        """Sealed chunks, oldest first."""
+        with self._lock:
+            return list(self._chunks)
+
+    def read_table(self, chunk_ids: Iterable[int] | None = None) -> pa.Table:
+        """All columns of the given sealed chunks (default all) as one Arrow table."""
+        tables = [_read_ipc(c.path) for c in self._select(chunk_ids)]
+        return pa.concat_tables(tables) if tables else self._schema.empty_table()
+
+    def dataset(self, chunk_ids: Iterable[int] | None = None,
+                split: Literal["train", "val"] | None = "train") -> tuple[np.ndarray, np.ndarray]:
+        """Features ``(N, *input_shape)`` float32 and labels ``(N,)`` int64 of sealed chunks.
+
+        Args:
+            chunk_ids: which chunks (default: all sealed chunks), in chunk order.
+            split: "train", "val", or None for both.
+        """
+        if split not in ("train", "val", None):
+            raise ValueError(f"split must be 'train', 'val' or None, got {split!r}")
+        xs, ys = [], []
+        for chunk in self._select(chunk_ids):
+            table = _read_ipc(chunk.path)  # memory-mapped; copied out below
+            if split is not None:
+                table = table.filter(pc.equal(table.column("split"), split))
+            feats = table.column("features").combine_chunks().flatten()
+            xs.append(feats.to_numpy(zero_copy_only=False).reshape(-1, self.input_size))
+            ys.append(table.column("label").to_numpy())
+        if not xs:
+            return (np.zeros((0, *self.input_shape), np.float32), np.zeros(0, np.int64))
+        x = np.concatenate(xs).reshape(-1, *self.input_shape)
+        return x, np.concatenate(ys).astype(np.int64, copy=False)
+
+    def _select(self, chunk_ids: Iterable[int] | None) -> list[ChunkInfo]:
+        chunks = self.chunks()
+        if chunk_ids is None:
+            return chunks
+        by_id = {c.id: c for c in chunks}
+        wanted = sorted(set(chunk_ids))
+        unknown = [i for i in wanted if i not in by_id]
+        if unknown:
+            raise ValueError(f"unknown chunk id(s) {unknown}; sealed: {sorted(by_id)}")
+        return [by_id[i] for i in wanted]
+
+    # ---- manifest --------------------------------------------------------------
+
+    def _load(self) -> None:
+        (self.path / _CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+        manifest = self.path / _MANIFEST
+        if manifest.exists():
+            doc = json.loads(manifest.read_text(encoding="utf-8"))
+            if doc.get("input_shape") != list(self.input_shape):
+                raise ValueError(f"store {self.path} holds input_shape {doc.get('input_shape')}, "
+                                 f"not {list(self.input_shape)}")
+            self._chunks = [self._chunk_from_json(c) for c in doc["chunks"]]
+            self._next = {int(p): int(o) for p, o in doc["next_offsets"].items()}
+            self._topic_id = doc.get("topic_id")
+        self._remove_strays()
+
+    def _chunk_from_json(self, c: dict) -> ChunkInfo:
+        path = self.path / _CHUNK_DIR / c["file"]
+        if not path.exists():
+            raise FileNotFoundError(f"chunk file {path} listed in the manifest is missing")
+        offsets = {int(p): (int(a), int(b)) for p, (a, b) in c["offsets"].items()}
+        return ChunkInfo(int(c["id"]), path, int(c["rows"]), offsets, float(c["created"]))
+
+    def _remove_strays(self) -> None:
+        """Delete temp files and chunk files the manifest does not list."""
+        listed = {c.path.name for c in self._chunks}
+        for entry in (self.path / _CHUNK_DIR).iterdir():
+            if entry.is_file() and entry.name not in listed:
+                log.warning("removing %s: not in the manifest (left by a crash)", entry)
+                entry.unlink()
+        (self.path / (_MANIFEST + _TMP_SUFFIX)).unlink(missing_ok=True)
+
+    def _write_manifest(self, chunks: list[ChunkInfo], next_offsets: dict[int, int]) -> None:
+        doc = {
+            "version": CHUNK_SCHEMA_VERSION,
+            "input_shape": list(self.input_shape),
+            "chunk_size": self.chunk_size,
+            "val_fraction": self.val_fraction,
+            "topic_id": self._topic_id,
+            "next_offsets": {str(p): o for p, o in sorted(next_offsets.items())},
+            "chunks": [{
+                "id": c.id, "file": c.path.name, "rows": c.rows, "created": c.created,
+                "offsets": {str(p): list(r) for p, r in sorted(c.offsets.items())},
+            } for c in chunks],
+        }
+        data = json.dumps(doc, indent=1).encode("utf-8")
+        _write_atomic(self.path / _MANIFEST, lambda f: f.write(data))
+
+
+def _offset_ranges(table: pa.Table) -> dict[int, tuple[int, int]]:
+    parts = table.column("partition").to_numpy()
+    offs = table.column("offset").to_numpy()
+    return {int(p): (int(offs[parts == p].min()), int(offs[parts == p].max()))
+            for p in np.unique(parts)}
+
+
+def _write_ipc(f, table: pa.Table) -> None:
+    with ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _read_ipc(path: Path) -> pa.Table:
+    with pa.memory_map(str(path), "r") as source:
+        return ipc.open_file(source).read_all()
+
+
+def _write_atomic(final: Path, write) -> None:
+    """Write via ``write(file)`` to a temp file, fsync, rename over ``final``, fsync the dir."""
+    tmp = final.with_name(final.name + _TMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,408 @@
+"""Ingestor against a real broker: storing, dead letters, commits, restarts, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from daemon.broker import EmbeddedBroker
+from daemon.ingest import Ingestor
+from daemon.metrics import REJECT_REASONS, Metrics
+from daemon.settings import KafkaSettings
+from daemon.store import ChunkInfo, ChunkStore
+
+pytestmark = pytest.mark.integration
+
+SHAPE = (4,)
+CLASSES = 3
+CHUNK = 5
+REPO = Path(__file__).resolve().parents[2]
+
+BAD = {  # reason -> a message that must be rejected for it
+    "invalid_json": b'{"features": [0.1, 0.2',
+    "not_object": b"[0.1, 0.2, 0.3, 0.4]",
+    "missing_field": b'{"id": "bad/missing", "features": [0.1, 0.2, 0.3, 0.4]}',
+    "bad_shape": b'{"id": "bad/shape", "features": [0.1, 0.2, 0.3], "label": 1}',
+    "non_finite": b'{"id": "bad/nan", "features": [0.1, NaN, 0.3, 0.4], "label": 1}',
+    "bad_label": b'{"id": "bad/label", "features": [0.1, 0.2, 0.3, 0.4], "label": 3}',
+    "too_large": b'{"id": "bad/large", "features": [0.1, 0.2, 0.3, 0.4], "label": 1, "pad": "'
+                 + b"x" * 3000 + b'"}',
+    "bad_type": b'{"id": "bad/type", "features": [0.1, 0.2, 0.3, 0.4], "label": true}',
+}
+
+
+def good(i: int) -> bytes:
+    return json.dumps({"id": f"good/{i}", "features": [i, 0.5, 0.25, 1.0],
+                       "label": i % CLASSES, "timestamp": 1718000000 + i}).encode()
+
+
+def send(bootstrap: str, topic: str, values: list[tuple[int, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    try:
+        for partition, value in values:
+            producer.send(topic, value, partition=partition)
+        producer.flush()
+    finally:
+        producer.close()
+
+
+def settings(bootstrap: str, topic: str, **kw) -> KafkaSettings:
+    return KafkaSettings(bootstrap_servers=bootstrap, topic=topic, group_id=f"g-{topic}",
+                         poll_timeout_ms=100, max_message_bytes=2000, **kw)
+
+
+def ingestor(kafka: KafkaSettings, store: ChunkStore, **kw) -> Ingestor:
+    return Ingestor(kafka, store, input_shape=SHAPE, num_classes=CLASSES, lag_interval=0.0, **kw)
+
+
+def drain(ing: Ingestor, done: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"timed out; stats {ing.stats}"
+        ing.poll_once(100)
+
+
+def stored_ids(store: ChunkStore) -> list[str]:
+    return store.read_table()["id"].to_pylist()
+
+
+def read_all(bootstrap: str, topic: str, expect: int, timeout: float = 20.0) -> list:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        records: list = []
+        deadline = time.monotonic() + timeout
+        while len(records) < expect and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int | None]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
+    finally:
+        consumer.close()
+
+
+def test_good_stored_bad_dead_lettered(kafka_bootstrap: str, make_topic, tmp_path: Path) -> None:
+    topic = make_topic(partitions=2)
+    values, good_ids = [], []
+    bad = list(BAD.items())
+    for i in range(20):  # 20 good (4 chunks) with the 8 bad kinds interleaved on both partitions
+        values.append((i % 2, good(i)))
+        good_ids.append(f"good/{i}")
+        if i < len(bad):
+            values.append(((i + 1) % 2, bad[i][1]))
+    send(kafka_bootstrap, topic, values)
+
+    metrics = Metrics()
+    sealed: list[ChunkInfo] = []
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    kafka = settings(kafka_bootstrap, topic)
+    ing = ingestor(kafka, store, metrics=metrics, on_sealed=sealed.extend)
+    try:
+        drain(ing, lambda: ing.stats.consumed == len(values))
+    finally:
+        ing.stop()
+
+    assert sorted(stored_ids(store)) == sorted(good_ids)
+    assert [c.id for c in sealed] == [1, 2, 3, 4] and store.buffered == 0
+    assert ing.stats.stored == 20 and ing.stats.rejected == len(BAD)
+    assert store.next_offsets() == {0: 14, 1: 14}  # every consumed record, bad ones included
+
+    dead = read_all(kafka_bootstrap, kafka.effective_dlq_topic, len(BAD))
+    by_reason = {dict(r.headers)["reason"].decode(): r for r in dead}
+    assert set(by_reason) == set(REJECT_REASONS) and len(dead) == len(BAD)
+    for reason, record in by_reason.items():
+        headers = dict(record.headers)
+        assert headers["detail"] and headers["source_topic"] == topic.encode()
+        src = (int(headers["source_partition"]), int(headers["source_offset"]))
+        assert src in {(p, o) for p in (0, 1) for o in range(14)}
+        if reason == "too_large":
+            assert record.value == BAD[reason][:2000] and int(headers["truncated"]) > 2000
+        else:
+            assert record.value == BAD[reason]
+
+    value = metrics.registry.get_sample_value
+    assert value("gnp_ingest_samples_total") == 20
+    for reason in REJECT_REASONS:
+        assert value("gnp_ingest_rejected_total", {"reason": reason}) == 1
+    assert value("gnp_store_chunks") == 4
+    for p in ("0", "1"):
+        assert value("gnp_ingest_lag_messages", {"partition": p}) == 0
+    assert committed(kafka_bootstrap, kafka.group_id, topic, 2) == {0: 14, 1: 14}
+
+
+def test_commit_only_after_seal_and_restart_resumes(kafka_bootstrap: str, make_topic,
+                                                    tmp_path: Path) -> None:
+    topic = make_topic(partitions=2)
+    kafka = settings(kafka_bootstrap, topic)
+    send(kafka_bootstrap, topic, [(i % 2, good(i)) for i in range(CHUNK - 1)])
+    ing = ingestor(kafka, ChunkStore(tmp_path, CHUNK, SHAPE, 0.2))
+    drain(ing, lambda: ing.stats.consumed == CHUNK - 1)
+    assert committed(kafka_bootstrap, kafka.group_id, topic, 2) == {0: None, 1: None}
+    send(kafka_bootstrap, topic, [(0, good(CHUNK - 1)), (1, BAD["bad_label"])])
+    drain(ing, lambda: ing.stats.consumed == CHUNK + 1)
+    ing.stop()
+    # the rejected record at (1, 2) came after the seal: not covered by it
+    assert committed(kafka_bootstrap, kafka.group_id, topic, 2) == {0: 3, 1: 2}
+
+    # Restart on the same directory: resumes after the seal, re-reads the rejected
+    # record (dead-lettered again: at least once), never stores a sample twice.
+    send(kafka_bootstrap, topic, [(i % 2, good(i)) for i in range(CHUNK, 3 * CHUNK)])
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    ing2 = ingestor(kafka, store)
+    drain(ing2, lambda: len(store.chunks()) == 3)
+    ing2.stop()
+    assert ing2.stats.consumed == 2 * CHUNK + 1 and ing2.stats.rejected == 1
+    ids = stored_ids(store)
+    assert sorted(ids) == sorted(f"good/{i}" for i in range(3 * CHUNK))
+    assert committed(kafka_bootstrap, kafka.group_id, topic, 2) == store.next_offsets()
+
+
+def test_same_store_new_ingestor_does_not_duplicate_buffer(kafka_bootstrap: str, make_topic,
+                                                           tmp_path: Path) -> None:
+    topic = make_topic(partitions=1)
+    kafka = settings(kafka_bootstrap, topic)
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    send(kafka_bootstrap, topic, [(0, good(i)) for i in range(3)])
+    first = ingestor(kafka, store)
+    drain(first, lambda: store.buffered == 3)
+    first.stop()
+    send(kafka_bootstrap, topic, [(0, good(i)) for i in range(3, 5)])
+    second = ingestor(kafka, store)  # same in-memory buffer: seeks past it
+    drain(second, lambda: len(store.chunks()) == 1)
+    second.stop()
+    assert sorted(stored_ids(store)) == [f"good/{i}" for i in range(5)]
+    assert second.stats.consumed == 2
+
+
+class _FailedSend:
+    exception = RuntimeError("dead-letter topic unavailable")
+
+    def failed(self) -> bool:
+        return True
+
+
+class _BrokenDeadLetterProducer:
+    """Stands in for KafkaProducer: every dead-letter send fails."""
+
+    def __init__(self, **config) -> None:
+        pass
+
+    def send(self, topic: str, value: bytes, headers=None) -> _FailedSend:
+        return _FailedSend()
+
+    def flush(self, timeout=None) -> None:
+        pass
+
+    def close(self, timeout=None) -> None:
+        pass
+
+
+def test_failed_dead_letter_blocks_the_seal(kafka_bootstrap: str, make_topic, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    topic = make_topic(partitions=1)
+    send(kafka_bootstrap, topic, [(0, BAD["bad_label"])] + [(0, good(i)) for i in range(CHUNK)])
+    kafka = settings(kafka_bootstrap, topic)
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    with monkeypatch.context() as patch:
+        patch.setattr("daemon.ingest.KafkaProducer", _BrokenDeadLetterProducer)
+        broken = ingestor(kafka, store, max_backoff=0.1)
+        broken.start()
+        _wait(lambda: broken.stats.errors >= 2, "retries")
+        assert broken.stop()
+    assert store.chunks() == [] and store.next_offsets() == {}  # nothing sealed past it
+    fixed = ingestor(kafka, store)
+    drain(fixed, lambda: len(store.chunks()) == 1)
+    fixed.stop()
+    dead = read_all(kafka_bootstrap, kafka.effective_dlq_topic, 1)
+    assert [dict(r.headers)["reason"] for r in dead] == [b"bad_label"]
+    assert store.next_offsets() == {0: CHUNK + 1}
+
+
+def test_thread_start_stop_and_new_topic(kafka_bootstrap: str, topic: str, tmp_path: Path) -> None:
+    kafka = settings(kafka_bootstrap, topic, topic_partitions=2)  # topic does not exist yet
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    done = threading.Event()
+    ing = ingestor(kafka, store, on_sealed=lambda chunks: done.set())
+    ing.start()
+    try:
+        deadline = time.monotonic() + 20
+        while ing.partitions != [0, 1]:
+            assert time.monotonic() < deadline, "topic was not created"
+            time.sleep(0.05)
+        send(kafka_bootstrap, topic, [(i % 2, good(i)) for i in range(CHUNK)])
+        assert done.wait(20), f"no seal; stats {ing.stats}"
+    finally:
+        t0 = time.monotonic()
+        assert ing.stop(timeout=10)
+        assert time.monotonic() - t0 < 5
+    assert len(stored_ids(store)) == CHUNK
+
+
+def test_recreated_topic_is_read_from_the_start(tmp_path: Path) -> None:
+    """A fresh embedded broker (memory storage) restarts offsets at 0: rebase, don't stall."""
+    store_dir = tmp_path / "store"
+    for round_ in range(2):
+        with EmbeddedBroker() as broker:
+            kafka = settings(broker.bootstrap_servers, "samples")
+            store = ChunkStore(store_dir, CHUNK, SHAPE, 0.2)
+            send(broker.bootstrap_servers, "samples",
+                 [(0, good(round_ * 100 + i)) for i in range(CHUNK)])
+            ing = ingestor(kafka, store)
+            drain(ing, lambda s=store, n=round_ + 1: len(s.chunks()) == n)
+            ing.stop()
+    assert len(stored_ids(ChunkStore(store_dir, CHUNK, SHAPE, 0.2))) == 2 * CHUNK
+
+
+def test_broker_outage_is_survived(tmp_path: Path) -> None:
+    """The broker dies and comes back empty (memory storage) at the same address."""
+    broker = EmbeddedBroker().start()
+    port = broker.port
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    ing = ingestor(settings(broker.bootstrap_servers, "samples"), store, max_backoff=1.0,
+                   partition_check_interval=0.5)
+    ing.start()
+    try:
+        send(broker.bootstrap_servers, "samples", [(0, good(i)) for i in range(CHUNK + 2)])
+        _wait(lambda: len(store.chunks()) == 1 and store.buffered == 2, "first chunk")
+        broker.stop()
+        time.sleep(1.0)
+        broker = EmbeddedBroker(port=port).start()
+        send(broker.bootstrap_servers, "samples",
+             [(0, good(i)) for i in range(100, 100 + CHUNK + 2)])
+        _wait(lambda: len(store.chunks()) == 2, "a chunk after the outage")
+    finally:
+        assert ing.stop(timeout=15)
+        broker.stop()
+    ids = stored_ids(store)
+    assert ids[:CHUNK] == [f"good/{i}" for i in range(CHUNK)]
+    # The 2 samples buffered before the outage are kept (or, if the ingestor had to
+    # recover, dropped -- the broker lost them); new ones are read from offset 0.
+    after = ids[CHUNK:]
+    assert len(set(after)) == CHUNK and after[-3:] == ["good/100", "good/101", "good/102"] or \
+        after == [f"good/{i}" for i in range(100, 100 + CHUNK)], after
+
+
+def _wait(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+WORKER = textwrap.dedent("""
+    import logging, sys
+    from daemon.ingest import Ingestor
+    from daemon.settings import KafkaSettings
+    from daemon.store import ChunkStore
+    logging.basicConfig(level=logging.WARNING)
+    bootstrap, topic, path, chunk = sys.argv[1:5]
+    store = ChunkStore(path, int(chunk), (4,), 0.2)
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic=topic, group_id="crash",
+                          poll_timeout_ms=50, max_message_bytes=2000)
+    Ingestor(kafka, store, input_shape=(4,), num_classes=3).run()
+""")
+
+
+def test_crash_safety_sigkill(kafka_bootstrap: str, make_topic, tmp_path: Path) -> None:
+    """SIGKILL the ingestor at random moments while producing; every id is stored once.
+
+    The total of good messages is a multiple of the chunk size, so at the end
+    everything is sealed without a partial flush. Set GNPD_TEST_SEED to replay a run.
+    """
+    seed = int(os.environ.get("GNPD_TEST_SEED", time.time()))
+    rng = random.Random(seed)
+    chunk, total = 7, 7 * 60
+    topic = make_topic(partitions=2)
+    values = []
+    for i in range(total):
+        values.append((i % 2, good(i)))
+        if i % 37 == 0:
+            values.append((rng.randrange(2), BAD["bad_label"]))
+    store_dir = tmp_path / "store"
+    cmd = [sys.executable, "-c", WORKER, kafka_bootstrap, topic, str(store_dir), str(chunk)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(tmp_path / "worker.log", "wb") as log:
+        def start() -> subprocess.Popen:
+            return subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=REPO)
+
+        done = threading.Event()
+        threading.Thread(target=_produce_slowly, args=(kafka_bootstrap, topic, values, done),
+                         daemon=True).start()
+        rows_at_kill = _kill_repeatedly(start, rng, done, store_dir)
+        # the kills hit a store in progress, not only an empty or a finished one
+        assert len({r for r in rows_at_kill if 0 < r < total}) >= 2, (rows_at_kill, seed)
+        proc = start()
+        try:
+            _wait(lambda: _manifest_rows(store_dir) == total, f"all rows (seed {seed})", 60)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    ids = stored_ids(ChunkStore(store_dir, chunk, SHAPE, 0.2))
+    assert len(ids) == total == len(set(ids)), f"duplicates (seed {seed})"
+    assert set(ids) == {f"good/{i}" for i in range(total)}
+    n_bad = sum(1 for _, v in values if v == BAD["bad_label"])
+    dead = [dict(r.headers) for r in read_all(kafka_bootstrap, f"{topic}.dlq", n_bad)]
+    # each rejected message is dead-lettered at least once (again after some crashes)
+    assert {(int(h["source_partition"]), int(h["source_offset"])) for h in dead} == \
+        _bad_coordinates(kafka_bootstrap, topic, len(values)), f"seed {seed}"
+
+
+def _produce_slowly(bootstrap: str, topic: str, values: list[tuple[int, bytes]],
+                    done: threading.Event) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
+    for n, (partition, value) in enumerate(values):
+        producer.send(topic, value, partition=partition)
+        if n % 5 == 0:  # ~430 messages over ~8 s: the kills land mid-stream
+            producer.flush()
+            time.sleep(0.1)
+    producer.flush()
+    producer.close()
+    done.set()
+
+
+def _kill_repeatedly(start: Callable[[], subprocess.Popen], rng: random.Random,
+                     done: threading.Event, store_dir: Path) -> list[int]:
+    """Start and SIGKILL the worker until production ends (6 times at least)."""
+    rows_at_kill: list[int] = []
+    while len(rows_at_kill) < 6 or not done.is_set():
+        proc = start()
+        time.sleep(rng.uniform(0.8, 2.0))  # ~1 s of it is start-up
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        rows_at_kill.append(_manifest_rows(store_dir))
+    return rows_at_kill
+
+
+def _manifest_rows(store_dir: Path) -> int:
+    try:
+        doc = json.loads((store_dir / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return sum(c["rows"] for c in doc["chunks"])
+
+
+def _bad_coordinates(bootstrap: str, topic: str, total: int) -> set[tuple[int, int]]:
+    records = read_all(bootstrap, topic, total)
+    assert len(records) == total
+    return {(r.partition, r.offset) for r in records if r.value == BAD["bad_label"]}

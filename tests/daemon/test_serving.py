@@ -1,0 +1,220 @@
+"""HTTP serving on a real uvicorn server on 127.0.0.1: endpoints, errors, swaps under load."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
+
+import gnp
+from daemon.metrics import Metrics
+from daemon.registry import ModelRegistry, ModelVersion, ServedModel, UpdateCost
+from daemon.serving import MAX_INSTANCES, HttpServer, create_app
+
+pytestmark = pytest.mark.integration
+
+SHAPE = (1, 8, 8)
+
+
+def _version(n: int, **kw) -> ModelVersion:
+    return ModelVersion(version=n, parent=n - 1 or None, created=1.0e9 + n,
+                        model_name="lenet-300-100", input_shape=SHAPE, num_classes=10,
+                        chunk_ids=(f"c{n}",), seen_chunk_ids=tuple(f"c{i}" for i in range(1, n + 1)),
+                        val_accuracy=kw.get("acc", 0.5), active_params=1000, dense_params=4000,
+                        cost=UpdateCost(500, 1.5, 2.0, "cpu"))
+
+
+@pytest.fixture
+def server():
+    served, metrics = ServedModel(SHAPE), Metrics()
+    history: list[ModelVersion] = []
+    srv = HttpServer(create_app(served, metrics, lambda: list(history)), "127.0.0.1", 0)
+    srv.start()
+    with httpx.Client(base_url=srv.url, timeout=10) as client:
+        yield srv, served, metrics, history, client
+    srv.stop()
+
+
+def _metric(metrics: Metrics, name: str, labels: dict | None = None) -> float:
+    value = metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+def test_port_zero_binds_a_free_port_that_is_discoverable(server):
+    srv, *_, client = server
+    assert srv.port > 0 and srv.url == f"http://127.0.0.1:{srv.port}"
+    assert client.get("/healthz").status_code == 200
+
+
+def test_responses_are_not_delayed_by_nagle(server):
+    """Without TCP_NODELAY on accepted sockets every answer took ~40 ms (delayed ACK)."""
+    *_, client = server
+    times = []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        assert client.get("/healthz").status_code == 200
+        times.append(time.perf_counter() - t0)
+    assert sorted(times)[len(times) // 2] < 0.02
+
+
+def test_without_a_model_predict_and_readyz_answer_503(server):
+    _, _, metrics, _, client = server
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["ready"] is False
+    r = client.post("/v1/predict", json={"instances": [[0.0] * 64]})
+    assert r.status_code == 503 and "no model" in r.json()["detail"]
+    assert client.get("/v1/model").status_code == 503
+    assert _metric(metrics, "gnp_predict_requests_total", {"status": "error"}) == 1
+
+
+def test_predict_model_readyz_and_metrics_with_a_served_model(server):
+    _, served, metrics, history, client = server
+    torch.manual_seed(0)
+    model = gnp.build_model("lenet-300-100", SHAPE, 10)
+    history.extend([_version(1, acc=0.4), _version(2, acc=0.6)])
+    served.publish(model, history[-1])
+
+    x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+    r = client.post("/v1/predict", json={"instances": x.tolist()})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model_version"] == 2
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(torch.from_numpy(x).reshape(4, *SHAPE)), 1)
+    assert body["predictions"] == expected.argmax(1).tolist()
+    np.testing.assert_allclose(body["probabilities"], expected.numpy(), rtol=1e-5, atol=1e-6)
+    nested = client.post("/v1/predict", json={"instances": x.reshape(4, *SHAPE).tolist()})
+    assert nested.json()["predictions"] == body["predictions"]
+
+    assert client.get("/readyz").json() == {"ready": True, "model_version": 2}
+    info = client.get("/v1/model").json()
+    assert info["version"] == 2 and info["parent"] == 1 and info["val_accuracy"] == 0.6
+    assert info["active_parameters"] == 1000 and info["dense_parameters"] == 4000
+    assert info["compression"] == 4.0 and info["cost"]["epochs"] == 1.5
+    assert [h["version"] for h in info["history"]] == [1, 2]
+    assert info["history"][0]["val_accuracy"] == 0.4 and info["history"][0]["chunks"] == ["c1"]
+
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    ok = [s for s in families["gnp_predict_requests"].samples
+          if s.name == "gnp_predict_requests_total" and s.labels == {"status": "ok"}]
+    assert ok[0].value == 2
+    count = [s for s in families["gnp_predict_duration_seconds"].samples
+             if s.name.endswith("_count")]
+    assert count[0].value == 2
+
+
+_BAD = {
+    "not json": (b'{"instances": [', "not valid JSON"),
+    "not an object": (b"[[0.5]]", "JSON object"),
+    "no instances": (b'{"inputs": [[0.5]]}', "JSON object"),
+    "empty": (b'{"instances": []}', "empty"),
+    "wrong size": (b'{"instances": [[0.5, 0.5]]}', "shape [1, 8, 8]"),
+    "wrong nested shape": (b'{"instances": [[[0.5]]]}', "shape [1, 8, 8]"),
+    "ragged": (b'{"instances": [[' + b"0," * 63 + b"0], [0]]}", "same shape"),
+    "strings": (b'{"instances": [["a"]]}', "numbers"),
+    "nan": (b'{"instances": [[NaN' + b",0" * 63 + b"]]}", "non-finite"),
+    "infinity": (b'{"instances": [[1e999' + b",0" * 63 + b"]]}", "non-finite"),
+    "too many": (b'{"instances": [' + b",".join([b"[" + b",".join([b"0"] * 64) + b"]"]
+                                                 * (MAX_INSTANCES + 1)) + b"]}", "too many"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD))
+def test_bad_predict_requests_answer_400_with_a_clear_message(server, case):
+    _, served, metrics, _, client = server
+    served.publish(gnp.build_model("lenet-300-100", SHAPE, 10), _version(1))
+    body, message = _BAD[case]
+    r = client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert message in r.json()["detail"]
+    assert _metric(metrics, "gnp_predict_requests_total", {"status": "error"}) == 1
+    assert _metric(metrics, "gnp_predict_requests_total", {"status": "ok"}) == 0
+
+
+class _ConstantModel(nn.Module):
+    """Answers class `label` for every input, after a short pause (so swaps hit mid-request)."""
+
+    def __init__(self, label: int, classes: int = 64) -> None:
+        super().__init__()
+        self.label, self.classes = label, classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.0005)
+        out = torch.zeros(x.shape[0], self.classes)
+        out[:, self.label] = 10.0
+        return out
+
+
+def test_requests_during_repeated_swaps_never_fail_and_match_one_version(server):
+    _, served, metrics, _, client = server
+    versions = 50
+    models = {n: _ConstantModel(label=n) for n in range(1, versions + 1)}
+    served.publish(models[1], _version(1))
+    stop, answers, errors = threading.Event(), [], []
+
+    def client_loop() -> None:
+        with httpx.Client(base_url=client.base_url, timeout=10) as c:
+            x = [[0.1] * 64] * 3
+            while not stop.is_set():
+                try:
+                    r = c.post("/v1/predict", json={"instances": x})
+                    answers.append((r.status_code, r.json()))
+                except Exception as e:  # noqa: BLE001 - any transport error is a failure
+                    errors.append(repr(e))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    seen_during = set()
+    for n in range(2, versions + 1):
+        time.sleep(0.02)
+        served.publish(models[n], _version(n))
+        seen_during.add(n)
+    time.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join()
+
+    assert errors == []
+    assert len(answers) > versions  # requests really overlapped the swaps
+    assert all(code == 200 for code, _ in answers)
+    for _, body in answers:
+        v = body["model_version"]
+        assert 1 <= v <= versions
+        assert body["predictions"] == [v, v, v]  # every instance answered by that version
+        assert all(max(range(64), key=p.__getitem__) == v for p in body["probabilities"])
+    assert len({body["model_version"] for _, body in answers}) > 10
+    assert _metric(metrics, "gnp_predict_requests_total", {"status": "error"}) == 0
+
+
+def test_in_process_predictions_during_swaps_are_consistent():
+    served = ServedModel(SHAPE)
+    served.publish(_ConstantModel(1), _version(1))
+    stop, bad, count = threading.Event(), [], [0]
+
+    def loop() -> None:
+        while not stop.is_set():
+            labels, _, version = served.predict(np.zeros((2, 64), np.float32))
+            count[0] += 1
+            if labels.tolist() != [version % 64] * 2:
+                bad.append((version, labels.tolist()))
+
+    threads = [threading.Thread(target=loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for n in range(2, 202):
+        served.publish(_ConstantModel(n % 64), _version(n))
+        time.sleep(0.001)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert bad == [] and count[0] > 200

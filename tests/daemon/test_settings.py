@@ -1,0 +1,104 @@
+"""Settings: defaults, env parsing with GNPD_ and __, validation messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from daemon.settings import Settings, SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("GNPD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no stray .env from the working directory
+
+
+def test_defaults() -> None:
+    s = Settings()
+    assert s.kafka.bootstrap_servers == ""
+    assert s.kafka.topic == "samples"
+    assert s.kafka.effective_dlq_topic == "samples.dlq"
+    assert s.kafka.group_id == "gnpd"
+    assert s.store.chunk_size == 5000 and s.store.val_fraction == 0.1
+    assert s.store.path == Path("data/store")
+    assert s.model.input_shape == [1, 28, 28] and s.model.input_size == 784
+    assert s.model.num_classes == 10
+    assert s.serve.port == 8000
+    assert s.train.device == "auto" and s.train.schedule == "paper"
+
+
+def test_env_nested(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GNPD_KAFKA__BOOTSTRAP_SERVERS", "k1:9092,k2:9092")
+    monkeypatch.setenv("GNPD_KAFKA__TOPIC", "digits")
+    monkeypatch.setenv("GNPD_STORE__CHUNK_SIZE", "100")
+    monkeypatch.setenv("GNPD_STORE__PATH", "/var/lib/gnpd")
+    monkeypatch.setenv("GNPD_MODEL__INPUT_SHAPE", "[1,8,8]")
+    monkeypatch.setenv("GNPD_TRAIN__DEVICE", "cpu")
+    s = Settings()
+    assert s.kafka.bootstrap_servers == "k1:9092,k2:9092"
+    assert s.kafka.effective_dlq_topic == "digits.dlq"
+    assert s.store.chunk_size == 100
+    assert s.store.path == Path("/var/lib/gnpd")
+    assert s.model.input_shape == [1, 8, 8] and s.model.input_size == 64
+    assert s.train.device == "cpu"
+
+
+def test_short_shape_syntax_and_explicit_dlq(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GNPD_MODEL__INPUT_SHAPE", "3x32x32")
+    monkeypatch.setenv("GNPD_KAFKA__DLQ_TOPIC", "rejects")
+    s = Settings()
+    assert s.model.input_shape == [3, 32, 32]
+    assert s.kafka.effective_dlq_topic == "rejects"
+
+
+def test_dotenv_file(tmp_path: Path) -> None:
+    env = tmp_path / "gnpd.env"
+    env.write_text("GNPD_STORE__CHUNK_SIZE=7\nUNRELATED=1\n")
+    assert load_settings(env_file=env).store.chunk_size == 7
+
+
+def test_kwargs_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GNPD_STORE__CHUNK_SIZE", "100")
+    s = Settings(store={"chunk_size": 3, "path": "x"})
+    assert s.store.chunk_size == 3 and s.store.path == Path("x")
+
+
+@pytest.mark.parametrize("env, value, text", [
+    ("GNPD_STORE__CHUNK_SIZE", "0", "GNPD_STORE__CHUNK_SIZE: Input should be greater than 0"),
+    ("GNPD_STORE__VAL_FRACTION", "0.5", "GNPD_STORE__VAL_FRACTION: Input should be less than 0.5"),
+    ("GNPD_STORE__VAL_FRACTION", "0", "GNPD_STORE__VAL_FRACTION: Input should be greater than 0"),
+    ("GNPD_MODEL__NUM_CLASSES", "1", "GNPD_MODEL__NUM_CLASSES: Input should be greater than"),
+    ("GNPD_MODEL__INPUT_SHAPE", "[1,0]", "GNPD_MODEL__INPUT_SHAPE: input shape [1, 0]"),
+    ("GNPD_MODEL__INPUT_SHAPE", "[1,8", "GNPD_MODEL__INPUT_SHAPE: input shape '[1,8' is not"),
+    ("GNPD_TRAIN__DEVICE", "tpu", "GNPD_TRAIN__DEVICE: Input should be 'auto', 'cpu' or 'cuda'"),
+    ("GNPD_STORE__CHUNKSIZE", "5", "GNPD_STORE__CHUNKSIZE: Extra inputs are not permitted"),
+])
+def test_load_settings_names_env_var(monkeypatch: pytest.MonkeyPatch, env: str, value: str,
+                                     text: str) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings(env_file=None)
+    assert text in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_load_settings_one_line_per_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GNPD_STORE__CHUNK_SIZE", "-1")
+    monkeypatch.setenv("GNPD_SERVE__PORT", "70000")
+    with pytest.raises(SettingsError) as info:
+        load_settings(env_file=None)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 3  # header + one per field
+    assert any(line.strip().startswith("GNPD_SERVE__PORT:") for line in lines)
+
+
+def test_direct_construction_raises_validation_error() -> None:
+    with pytest.raises(ValidationError):
+        Settings(store={"chunk_size": 0})

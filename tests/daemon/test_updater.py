@@ -1,0 +1,259 @@
+"""The update worker over a real chunk store and registry, with gnp's update or a stand-in."""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import gnp
+from daemon.messages import Sample
+from daemon.metrics import Metrics
+from daemon.registry import ModelRegistry, ServedModel
+from daemon.store import ChunkStore
+from daemon.updater import UpdatePolicy, UpdateWorker
+
+SHAPE = (1, 8, 8)
+CHUNK = 200
+TINY = gnp.Schedule(new_epochs=1, all_epochs=1, baseline_epochs=2, grow_every=1,
+                    prune=gnp.PruneConfig(max_iterations=2, retrain_epochs=0.5))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = gnp.load_dataset("digits").train
+    return d.x.numpy().reshape(len(d), -1), d.y.numpy()
+
+
+class Env:
+    """A store, registry, served model and metrics in tmp_path, plus a worker factory."""
+
+    def __init__(self, tmp_path, digits) -> None:
+        self.x, self.y = digits
+        self.store = ChunkStore(tmp_path / "store", CHUNK, SHAPE, val_fraction=0.2)
+        self.registry = ModelRegistry(tmp_path / "models", "lenet-300-100", SHAPE, 10)
+        self.served, self.metrics = ServedModel(SHAPE), Metrics()
+        self.offset = 0
+        self.calls: list[dict] = []
+
+    def seal(self, chunks: int = 1) -> None:
+        for _ in range(chunks):
+            rows = range(self.offset, self.offset + CHUNK)
+            self.store.append([Sample(self.x[i % len(self.x)], int(self.y[i % len(self.y)]), 0, i)
+                               for i in rows])
+            self.offset += CHUNK
+
+    def worker(self, update_fn=None, **policy) -> UpdateWorker:
+        policy = {"device": "cpu", "schedule": TINY, "max_accuracy_drop": 1.0, **policy}
+        inner = update_fn or gnp.update
+
+        def recording(method, model, **kw):
+            self.calls.append({"model": model, **kw})
+            return inner(method, model, **kw)
+
+        return UpdateWorker(self.store, self.registry, self.served, self.metrics,
+                            UpdatePolicy(**policy), update_fn=recording)
+
+    def sample(self, name: str, labels: dict | None = None) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+
+@pytest.fixture
+def env(tmp_path, digits) -> Env:
+    return Env(tmp_path, digits)
+
+
+def test_first_update_trains_saves_publishes_and_records(env):
+    env.seal()
+    worker = env.worker()
+    assert env.sample("gnp_store_buffered_samples") == CHUNK
+    result = worker.update_pending()
+
+    assert result.outcome == "success" and result.chunk_ids == ("1",)
+    v = result.version
+    assert v.version == 1 and v.parent is None and v.seen_chunk_ids == ("1",)
+    assert v.offsets == {"1": {"0": (0, CHUNK - 1)}}
+    assert 0.0 <= v.val_accuracy <= 1.0 and 0 < v.active_params <= v.dense_params
+    assert v.cost.sample_passes > 0 and v.cost.epochs > 0
+    assert env.served.version == v and env.registry.latest()[1] == v
+    assert env.calls[0]["model"] is None
+    assert len(env.calls[0]["new"]) == len(env.calls[0]["all"]) == CHUNK * 0.8
+    assert len(env.calls[0]["val"]) == CHUNK * 0.2
+
+    assert env.sample("gnp_model_version") == 1
+    assert env.sample("gnp_model_accuracy") == pytest.approx(v.val_accuracy)
+    assert env.sample("gnp_model_parameters") == v.active_params
+    assert env.sample("gnp_model_dense_parameters") == v.dense_params
+    assert env.sample("gnp_update_epochs") == pytest.approx(v.cost.epochs)
+    assert env.sample("gnp_update_sample_passes_total") == v.cost.sample_passes
+    assert env.sample("gnp_updates_total", {"outcome": "success"}) == 1
+    assert env.sample("gnp_model_swaps_total") == 1
+    assert env.sample("gnp_update_duration_seconds_count") == 1
+    assert env.sample("gnp_update_last_success_timestamp_seconds") > 0
+    assert env.sample("gnp_store_buffered_samples") == 0
+    assert worker.update_pending() is None  # nothing pending any more
+
+
+def test_next_update_learns_only_pending_chunks_together_and_replays_all(env):
+    env.seal()
+    worker = env.worker()
+    first = worker.update_pending().version
+    served_model = env.served.current()[0]
+    before = {k: v.clone() for k, v in served_model.state_dict().items()}
+    env.seal(2)  # two chunks sealed during/after the first update join one update
+    assert env.sample("gnp_store_buffered_samples") == 2 * CHUNK
+
+    result = worker.update_pending()
+    assert result.outcome == "success" and result.chunk_ids == ("2", "3")
+    v = result.version
+    assert v.version == 2 and v.parent == first.version
+    assert v.seen_chunk_ids == ("1", "2", "3") and set(v.offsets) == {"2", "3"}
+    call = env.calls[1]
+    assert call["model"] is not served_model  # a deep copy is trained
+    assert len(call["new"]) == 2 * CHUNK * 0.8 and len(call["all"]) == 3 * CHUNK * 0.8
+    assert len(call["val"]) == 3 * CHUNK * 0.2
+    # The published model of version 1 was never touched by the second update.
+    assert all(torch.equal(before[k], t) for k, t in served_model.state_dict().items())
+    assert env.served.version.version == 2 and env.sample("gnp_model_swaps_total") == 2
+
+
+def _fake_result(model, accuracy=0.9, poison=False):
+    model = copy.deepcopy(model) if model is not None else gnp.build_model(
+        "lenet-300-100", SHAPE, 10)
+    if poison:
+        with torch.no_grad():
+            next(model.parameters()).fill_(math.nan)
+    return SimpleNamespace(
+        model=model, val_accuracy=accuracy, params=gnp.count_parameters(model),
+        cost=SimpleNamespace(sample_passes=10, epochs=0.1, wall_seconds=0.01, device="cpu"))
+
+
+def _raises(method, model, **kw):
+    raise RuntimeError("boom")
+
+
+FAILURES = {
+    "raises": (_raises, {}, "RuntimeError: boom"),
+    "diverged": (lambda m, model, **kw: (_ for _ in ()).throw(gnp.TrainingDiverged("nan loss")),
+                 {}, "TrainingDiverged"),
+    "nan weights": (lambda m, model, **kw: _fake_result(model, poison=True), {}, "non-finite"),
+    "nan accuracy": (lambda m, model, **kw: _fake_result(model, accuracy=math.nan), {},
+                     "non-finite"),
+    "accuracy collapse": (lambda m, model, **kw: _fake_result(model, accuracy=0.01),
+                          {"min_accuracy": 0.05}, "below the floor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAILURES))
+def test_failed_update_keeps_the_served_model_and_counts_failed(env, case):
+    fn, policy, reason = FAILURES[case]
+    env.seal()
+    assert env.worker(update_fn=lambda m, model, **kw: _fake_result(model),
+                      **policy).update_pending().outcome == "success"
+    served_before = env.served.current()
+    env.seal()
+    worker = env.worker(update_fn=fn, **policy)
+    result = worker.update_pending()
+
+    assert result.outcome == "failed" and reason in result.reason
+    assert env.served.current() == served_before  # same model object, same version
+    assert [v.version for v in env.registry.history()] == [1]
+    assert env.sample("gnp_updates_total", {"outcome": "failed"}) == 1
+    assert env.sample("gnp_model_version") == 1
+    assert [c.id for c in worker.pending()] == [2]  # still pending for a retry
+    assert env.sample("gnp_update_duration_seconds_count") == 2  # both attempts timed
+
+
+def test_collapse_floor_is_relative_to_the_served_model(env):
+    env.seal()
+    env.worker(update_fn=lambda m, model, **kw: _fake_result(model)).update_pending()
+    env.seal()
+    evaluated = []
+    worker = UpdateWorker(env.store, env.registry, env.served, env.metrics,
+                          UpdatePolicy(device="cpu", max_accuracy_drop=0.1),
+                          update_fn=lambda m, model, **kw: _fake_result(model, accuracy=0.75),
+                          evaluate_fn=lambda model, data: evaluated.append(len(data)) or 0.9)
+    result = worker.update_pending()
+    assert result.outcome == "failed" and "0.7500 below the floor 0.8000" in result.reason
+    assert evaluated == [2 * CHUNK * 0.2]  # the served model is judged on the same val set
+
+
+def test_a_chunk_failing_twice_is_quarantined_and_later_updates_proceed(env):
+    env.seal()
+    outcomes = iter(["ok", "fail", "fail", "ok"])
+
+    def scripted(method, model, **kw):
+        if next(outcomes) == "fail":
+            raise RuntimeError("poisoned")
+        return _fake_result(model)
+
+    worker = env.worker(update_fn=scripted)
+    assert worker.update_pending().outcome == "success"
+    env.seal()  # chunk 2
+    first = worker.update_pending()
+    assert first.outcome == "failed" and first.quarantined == ()
+    env.seal()  # chunk 3: the retry of chunk 2 happens together with it
+    second = worker.update_pending()
+    assert second.outcome == "failed" and second.chunk_ids == ("2", "3")
+    assert second.quarantined == ("2",) and worker.quarantined == {"2"}
+    env.seal()  # chunk 4
+    third = worker.update_pending()
+    assert third.outcome == "success" and third.chunk_ids == ("3", "4")
+    call = env.calls[-1]
+    assert len(call["all"]) == 3 * CHUNK * 0.8  # chunks 1, 3, 4: the quarantined one left out
+    assert env.sample("gnp_updates_total", {"outcome": "failed"}) == 2
+    assert env.sample("gnp_store_buffered_samples") == 0
+
+
+def test_worker_thread_learns_stored_chunks_at_start_and_on_seal(env):
+    env.seal()
+    results, done = [], threading.Event()
+    worker = env.worker()
+    worker.on_result = lambda r: (results.append(r), done.set())
+    worker.start()
+    try:
+        assert done.wait(60) and results[0].outcome == "success"
+        done.clear()
+        env.seal()
+        worker.notify([])
+        assert done.wait(60) and results[1].version.chunk_ids == ("2",)
+    finally:
+        assert worker.stop(timeout=30)
+    assert env.served.version.version == 2
+
+
+def test_stop_abandons_a_running_update_within_the_bound_and_saves_nothing(env):
+    env.seal()
+    slow = gnp.Schedule(new_epochs=200, all_epochs=200, baseline_epochs=400)
+    results = []
+    worker = env.worker(schedule=slow, stop_timeout=20)
+    worker.on_result = results.append
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not worker.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    assert worker.stop()
+    assert time.monotonic() - t0 < 10
+    assert [r.outcome for r in results] == ["abandoned"]
+    assert env.sample("gnp_updates_total", {"outcome": "abandoned"}) == 1
+    assert env.registry.history() == [] and env.served.version is None
+
+
+def test_policy_from_settings():
+    from daemon.settings import Settings
+
+    s = Settings(train={"device": "cpu", "schedule": "quick", "stop_timeout_seconds": 7,
+                        "min_accuracy": 0.3, "max_accuracy_drop": 0.05})
+    p = UpdatePolicy.from_settings(s)
+    assert (p.device, p.schedule, p.stop_timeout, p.min_accuracy, p.max_accuracy_drop) == (
+        "cpu", "quick", 7.0, 0.3, 0.05)
+    assert np.isclose(p.max_accuracy_drop, 0.05)
