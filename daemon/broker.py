@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -91,7 +92,8 @@ class EmbeddedBroker:
         log.info("starting embedded broker: %s (log %s)", " ".join(cmd), self.log_path)
         with log_file:  # the child keeps its own descriptor; the pipe can never fill
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
-                                          stderr=subprocess.STDOUT)
+                                          stderr=subprocess.STDOUT,
+                                          preexec_fn=_die_with_parent)
         try:
             self._wait_ready()
         except BaseException:
@@ -167,3 +169,17 @@ def _probe(host: str, port: int) -> None:
         admin.list_topics()
     finally:
         admin.close()
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGKILL the broker when its parent dies, even by SIGKILL.
+
+    The broker keeps everything in memory, so nothing is lost by killing it; without
+    this a SIGKILLed daemon would leave an orphan broker holding its port.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)

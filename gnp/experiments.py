@@ -56,6 +56,8 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
         5000 if args.dataset == "fashion-mnist" else len(ds.train) // 10)
     chunks, val = incremental_split(ds.train, args.chunks, val_size, seed=args.seed)
     schedule = Schedule.quick() if args.quick else Schedule()
+    if args.incremental_lr is not None:
+        schedule = replace(schedule, incremental_lr=args.incremental_lr)
     methods = args.methods.split(",")
     build = lambda: build_model(args.model, ds.input_shape, ds.num_classes)  # noqa: E731
     device = resolve_device(args.device)
@@ -118,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="reduced schedule (minutes on a CPU)")
     p.add_argument("--compact", action="store_true",
                    help="also export ours' non-recoverable compact model and report its size")
+    p.add_argument("--incremental-lr", type=float, default=None,
+                   help="learning rate of ours' updates after the first chunk (default: the training lr)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")

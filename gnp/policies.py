@@ -38,6 +38,7 @@ class Schedule:
     grow_every: int = 5  # a growth epoch every this many epochs of a growth phase
     alpha: float = 50.0  # growth percentile (paper: 30..50)
     seed_density: float = 0.1  # NeST's sparse seed: share of connections active at start
+    incremental_lr: float | None = None  # ours after the first chunk (None: train.lr)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     nonrecoverable: PruneConfig | None = None  # set to also export an ultra-compact model
@@ -92,12 +93,12 @@ def _grow_and_train(t: Trainer, data: Data, epochs: int, s: Schedule, phase: str
                     progress: Progress | None) -> None:
     """A growth phase: every `grow_every`-th epoch (the first included) is a growth epoch."""
     t.meter.phase = phase
-    steps = math.ceil(len(data) / s.train.batch_size) * epochs
+    steps = math.ceil(len(data) / t.batch_size(len(data))) * epochs
     opt = t.optimizer()
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=s.train.lr * 0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=t.cfg.lr * 0.01)
     for epoch in range(epochs):
         if s.grow_every and epoch % s.grow_every == 0:
-            grow_by_gradient(t.masks, t.mean_gradients(data), s.alpha, s.train.lr)
+            grow_by_gradient(t.masks, t.mean_gradients(data), s.alpha, t.cfg.lr)
         else:
             t.train_epoch(data, opt, sched)
         if progress:
@@ -123,6 +124,8 @@ def _prune(t: Trainer, data: Data, val: Data, cfg: PruneConfig, lr: float, phase
 def _ours(t, new, all, val, s, first, progress):
     if first:
         return _nest(t, new, all, val, s, first, progress)
+    if s.incremental_lr is not None:  # updating a trained model, not training one
+        t.cfg = replace(t.cfg, lr=s.incremental_lr)
     _grow_and_train(t, new, s.new_epochs, s, "grow-new", progress)
     _grow_and_train(t, all, s.all_epochs, s, "grow-all", progress)
     return None

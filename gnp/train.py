@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 Progress = Callable[[str, int, int], None]
+MIN_STEPS_PER_EPOCH = 16
 
 
 class Abandoned(RuntimeError):
@@ -114,12 +115,21 @@ class Trainer:
         return torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr if lr is None else lr,
                                momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
 
+    def batch_size(self, n: int) -> int:
+        """The configured batch size, cut so an epoch of n samples has at least 16 steps.
+
+        Small data (a few hundred samples) would otherwise get 2-3 steps an epoch and
+        barely move; data sets of 2,048+ samples at batch 128 are unaffected.
+        """
+        return max(1, min(self.cfg.batch_size, n // MIN_STEPS_PER_EPOCH))
+
     def _batches(self, data: Data, fraction: float = 1.0):
         n = len(data)
         order = torch.randperm(n, device=self.device, generator=self.gen)
         order = order[: max(1, int(round(n * fraction)))]
-        for i in range(0, len(order), self.cfg.batch_size):
-            idx = order[i:i + self.cfg.batch_size]
+        bs = self.batch_size(n)
+        for i in range(0, len(order), bs):
+            idx = order[i:i + bs]
             x = data.x[idx]
             if self.cfg.augment:
                 x = affine_distort(x, self.cfg, self.gen)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import stat
 from pathlib import Path
 
@@ -70,3 +75,27 @@ def test_arguments_validated_and_free_port() -> None:
     with pytest.raises(BrokerError, match="not started"):
         _ = EmbeddedBroker().bootstrap_servers
     assert 0 < free_port() < 65536
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except FileNotFoundError:
+        return False
+    return status.split("State:")[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
+def test_broker_dies_when_its_parent_is_sigkilled():
+    code = ("from daemon.broker import EmbeddedBroker; import time\n"
+            "b = EmbeddedBroker(); b.start(); print(b._proc.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    broker_pid = int(parent.stdout.readline())
+    assert _alive(broker_pid)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while _alive(broker_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(broker_pid)
