@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report", "claims", "markdown_table"]
+__all__ = ["write_report", "claims", "markdown_table", "merge_baselines"]
 
 
 def _rows(rows: list[Any]) -> list[dict]:
@@ -89,7 +89,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, rows: list[Any] | None = None) -> None:
+def write_report(out: Path, rows: list[Any] | None = None, note: str = "") -> None:
     """Write results.md and results.png in `out` (rows default to out/results.json)."""
     doc = json.loads((out / "results.json").read_text())
     rows = _rows(rows) if rows is not None else doc["rows"]
@@ -99,6 +99,7 @@ def write_report(out: Path, rows: list[Any] | None = None) -> None:
           f"Command: `{doc['command']}`", "",
           f"Machine: {doc['machine']['platform']}, torch {doc['machine']['torch']}, "
           f"device {rows[0]['device'] if rows else '?'}; {doc['date']}.", "",
+          *([note, ""] if note else []),
           "Test error of the served (recoverably pruned) model, its active parameters, and the "
           "update's training cost in all-data-epoch equivalents (growth passes and pruning "
           "retraining included).", "", markdown_table(rows), ""]
@@ -109,3 +110,38 @@ def write_report(out: Path, rows: list[Any] | None = None) -> None:
                _claims_table(cs), "", f"Holds at {held} of {len(cs)} chunks.", ""]
     (out / "results.md").write_text("\n".join(md))
     _plot(rows, out / "results.png")
+
+
+_SAME_PROTOCOL = ("model", "dataset", "chunks", "val_size", "train_size", "seed", "quick")
+
+
+def merge_baselines(out: Path, baselines: Path) -> list[dict]:
+    """Rows of `out` plus the rows of methods it lacks from `baselines` (same protocol only)."""
+    doc = json.loads((out / "results.json").read_text())
+    base = json.loads((baselines / "results.json").read_text())
+    differ = [k for k in _SAME_PROTOCOL if doc["args"].get(k) != base["args"].get(k)]
+    if differ:
+        raise ValueError(f"{baselines} ran a different protocol ({', '.join(differ)} differ)")
+    have = {r["method"] for r in doc["rows"]}
+    chunks = {r["chunk"] for r in doc["rows"]}
+    extra = [r for r in base["rows"] if r["method"] not in have and r["chunk"] in chunks]
+    return sorted(doc["rows"] + extra, key=lambda r: (r["chunk"], r["method"] != "ours"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m gnp.report",
+                                description="Rewrite results.md and results.png of a run.")
+    p.add_argument("out", type=Path, help="a directory holding results.json")
+    p.add_argument("--baselines", type=Path, default=None,
+                   help="take the methods this run lacks from another run of the same protocol")
+    args = p.parse_args(argv)
+    rows = merge_baselines(args.out, args.baselines) if args.baselines else None
+    write_report(args.out, rows, note=f"Baseline rows from `{args.baselines}`." if args.baselines else "")
+    print(f"wrote {args.out}/results.md, results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

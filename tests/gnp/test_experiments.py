@@ -40,3 +40,21 @@ def test_bad_arguments_are_rejected():
         main(["--methods", "ours,magic", "--out", "x", "--dataset", "digits"])
     with pytest.raises(SystemExit):
         main(["--chunks", "0", "--out", "x", "--dataset", "digits"])
+
+
+def test_report_merges_baselines_only_from_the_same_protocol(tmp_path):
+    from gnp.report import main as report_main, merge_baselines
+
+    def run(name, methods, seed="0"):
+        out = tmp_path / name
+        main(["--dataset", "digits", "--chunks", "2", "--methods", methods, "--out", str(out),
+              "--quick", "--device", "cpu", "--no-progress", "--seed", seed])
+        return out
+
+    variant, base, other = run("variant", "ours"), run("base", "tfs"), run("other", "tfs", seed="1")
+    rows = merge_baselines(variant, base)
+    assert [(r["chunk"], r["method"]) for r in rows] == [(1, "ours"), (1, "tfs"), (2, "ours"), (2, "tfs")]
+    assert report_main([str(variant), "--baselines", str(base)]) == 0
+    assert "Claims checked" in (variant / "results.md").read_text()
+    with pytest.raises(ValueError, match="seed"):
+        merge_baselines(variant, other)
