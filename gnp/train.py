@@ -8,6 +8,7 @@ forward, backward, mask gradients, step, re-apply masks.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -81,10 +82,14 @@ def affine_distort(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator | Non
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Data, device: str | torch.device = "cpu",
+def evaluate(model: nn.Module, data: Data, device: str | torch.device | None = None,
              batch_size: int = 4096, meter: CostMeter | None = None) -> float:
-    """Accuracy of `model` on `data` (0..1)."""
-    device = resolve_device(device)
+    """Accuracy of `model` on `data` (0..1), on the model's device unless `device` is given
+    (then on a copy of the model there; the model itself is not moved)."""
+    here = next(model.parameters()).device
+    device = here if device is None else resolve_device(device)
+    if device.type != here.type:
+        model = copy.deepcopy(model).to(device)
     was_training = model.training
     model.eval()
     correct = 0
