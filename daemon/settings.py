@@ -44,11 +44,12 @@ class KafkaSettings(_Section):
 
     bootstrap_servers: str = Field(
         "", description="host:port[,host:port]; empty = start the embedded Tansu broker")
-    topic: str = Field("samples", min_length=1)
+    topic: str = Field("samples", min_length=1, description="topic the samples arrive on")
     dlq_topic: str | None = Field(None, description="dead-letter topic; default '<topic>.dlq'")
     group_id: str = Field("gnpd", min_length=1, description="offsets are committed under it")
-    poll_timeout_ms: int = Field(500, gt=0)
-    max_message_bytes: int = Field(1_000_000, gt=0)
+    poll_timeout_ms: int = Field(500, gt=0, description="longest wait of one consumer poll")
+    max_message_bytes: int = Field(
+        1_000_000, gt=0, description="larger messages are dead-lettered as too_large")
     topic_partitions: int = Field(
         1, gt=0, description="partitions of the topic when gnpd has to create it")
 
@@ -61,18 +62,23 @@ class KafkaSettings(_Section):
 class StoreSettings(_Section):
     """The on-disk Arrow chunk store."""
 
-    path: Path = Path("data/store")
-    chunk_size: int = Field(5000, gt=0)
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    path: Path = Field(Path("data/store"),
+                       description="folder of the Arrow chunks and manifest.json (a volume)")
+    chunk_size: int = Field(5000, gt=0, description="samples per chunk; each sealed chunk triggers an update")
+    val_fraction: float = Field(
+        0.1, gt=0.0, lt=0.5, description="share of each chunk held out for validation")
 
 
 class ModelSettings(_Section):
     """What the model sees: architecture name, input shape, classes, checkpoints."""
 
-    name: str = Field("lenet-300-100", min_length=1)
-    input_shape: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 28, 28])
-    num_classes: int = Field(10, ge=2)
-    path: Path = Path("data/models")
+    name: str = Field("lenet-300-100", min_length=1,
+                      description="architecture from the gnp model registry (lenet-300-100, lenet-5)")
+    input_shape: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [1, 28, 28],
+        description="shape of one sample's features (C, H, W): '[1,28,28]', '1,28,28' or '1x28x28'")
+    num_classes: int = Field(10, ge=2, description="labels are integers in [0, num_classes)")
+    path: Path = Field(Path("data/models"), description="folder of the checkpoints (a volume)")
 
     @field_validator("input_shape", mode="before")
     @classmethod
@@ -107,18 +113,24 @@ class ModelSettings(_Section):
 class ServeSettings(_Section):
     """The HTTP server (predict, health, metrics)."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any free port)")
 
 
 class TrainSettings(_Section):
     """How updates run and when a finished update is refused."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    schedule: Literal["paper", "quick"] = "paper"
-    stop_timeout_seconds: float = Field(30.0, gt=0.0)
-    min_accuracy: float = Field(0.0, ge=0.0, le=1.0)
-    max_accuracy_drop: float = Field(0.2, ge=0.0, le=1.0)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where updates train; auto = cuda when available")
+    schedule: Literal["paper", "quick"] = Field(
+        "paper", description="paper: 15/20/60 epochs; quick: 3/4/12 (demos, small CPUs)")
+    stop_timeout_seconds: float = Field(
+        30.0, gt=0.0, description="bound on finishing or abandoning an update at SIGTERM")
+    min_accuracy: float = Field(
+        0.0, ge=0.0, le=1.0, description="an update below this validation accuracy fails")
+    max_accuracy_drop: float = Field(
+        0.2, ge=0.0, le=1.0,
+        description="an update more than this below the served model's accuracy fails")
 
 
 class Settings(BaseSettings):
