@@ -26,7 +26,7 @@ try:  # optional: about 2x faster than json on 784-feature messages
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None
 
-__all__ = ["JSON_DECODER", "Rejection", "Sample", "parse_message"]
+__all__ = ["JSON_DECODER", "Rejection", "Sample", "numeric_array", "parse_message"]
 
 JSON_DECODER = "orjson" if _orjson is not None else "json"
 
@@ -59,13 +59,16 @@ class Rejection:
     raw: bytes
 
 
-class _Reject(Exception):
+class _Reject(ValueError):
     """Internal: carries a (reason, detail) out of the validation steps."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(reason, detail)
         self.reason = reason
         self.detail = detail[:_DETAIL_MAX]
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 def parse_message(
@@ -109,7 +112,7 @@ def _parse(raw: bytes, partition: int, offset: int, shape: tuple[int, ...],
     label = _check_label(obj["label"], num_classes)
     sample_id = _check_id(obj.get("id"))
     timestamp = _check_timestamp(obj.get("timestamp"))
-    features = _check_features(obj["features"], shape, maybe_bools=_may_hold_bools(raw))
+    features = _check_features(obj["features"], shape, maybe_bools=may_hold_bools(raw))
     return Sample(features, label, partition, offset, sample_id, timestamp)
 
 
@@ -158,22 +161,39 @@ def _check_timestamp(value: Any) -> int | float | None:
     return value
 
 
-def _may_hold_bools(raw: bytes) -> bool:
+def may_hold_bools(raw: bytes) -> bool:
     # json gives no hook for true/false; only when the text could contain one do we
     # pay for a per-element type scan of the features.
     return b"true" in raw or b"false" in raw
 
 
-def _check_features(value: Any, shape: tuple[int, ...], maybe_bools: bool) -> np.ndarray:
+def numeric_array(value: Any, maybe_bools: bool = True) -> np.ndarray:
+    """A JSON array of numbers as an ndarray, its dtype inferred and never coerced.
+
+    Strings, null, objects and booleans are refused (np.asarray(..., dtype=float32)
+    would turn "1.5" into 1.5 and true into 1.0). `maybe_bools=False` skips the scan
+    for booleans mixed with numbers, for callers that know the text holds none.
+
+    Raises:
+        ValueError: not a regular array of numbers; `.reason` is bad_type or bad_shape.
+    """
     if not isinstance(value, list):
-        raise _Reject("bad_type", f"features must be an array, got {_json_type(value)}")
+        raise _Reject("bad_type", f"must be an array, got {_json_type(value)}")
     try:
         arr = np.asarray(value)  # infer the dtype: strings/null/objects must not coerce
     except (ValueError, TypeError) as exc:  # ragged nesting
-        raise _Reject("bad_shape", f"features are not a regular array: {exc}") from None
+        raise _Reject("bad_shape", f"not a regular array: {exc}") from None
     if arr.dtype.kind not in "iuf" or (maybe_bools and _holds_bool(value)):
         kind = "booleans" if arr.dtype.kind == "b" else f"{arr.dtype} values"
-        raise _Reject("bad_type", f"features must be numbers, got {kind}")
+        raise _Reject("bad_type", f"must be numbers, got {kind}")
+    return arr
+
+
+def _check_features(value: Any, shape: tuple[int, ...], maybe_bools: bool) -> np.ndarray:
+    try:
+        arr = numeric_array(value, maybe_bools)
+    except _Reject as e:
+        raise _Reject(e.reason, f"features {e.detail}") from None
     size = math.prod(shape)
     if arr.shape != (size,) and arr.shape != shape:
         raise _Reject("bad_shape", f"features have shape {list(arr.shape)}, expected "

@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from daemon.messages import may_hold_bools, numeric_array
 from daemon.metrics import Metrics
 from daemon.registry import ModelVersion, NoModelError, ServedModel
 
@@ -71,11 +72,13 @@ def _parse(body: bytes, input_shape: tuple[int, ...], limit: int) -> np.ndarray:
         raise _BadRequest("'instances' is empty: send at least one instance")
     if len(instances) > limit:
         raise _BadRequest(f"too many instances: {len(instances)} > {limit} per request")
-    try:
-        arr = np.asarray(instances, dtype=np.float32)
-    except (ValueError, TypeError, OverflowError):
-        raise _BadRequest("instances must be lists of numbers, all of the same shape "
-                          f"{list(input_shape)} or flat with {math.prod(input_shape)} values") from None
+    try:  # the same rule as ingestion: numbers only, never coerced from strings or booleans
+        with np.errstate(over="ignore"):
+            arr = numeric_array(instances, may_hold_bools(body)).astype(np.float32)
+    except ValueError as e:
+        raise _BadRequest(f"instances must be lists of numbers, all of the same shape "
+                          f"{list(input_shape)} or flat with {math.prod(input_shape)} values "
+                          f"({e})") from None
     size = math.prod(input_shape)
     if arr.ndim < 2 or math.prod(arr.shape[1:]) != size or (
             arr.ndim > 2 and tuple(arr.shape[1:]) != input_shape):

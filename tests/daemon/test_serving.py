@@ -121,6 +121,10 @@ _BAD = {
     "wrong nested shape": (b'{"instances": [[[0.5]]]}', "shape [1, 8, 8]"),
     "ragged": (b'{"instances": [[' + b"0," * 63 + b"0], [0]]}", "same shape"),
     "strings": (b'{"instances": [["a"]]}', "numbers"),
+    # numbers written as strings, and booleans, are refused, not coerced (as in ingestion)
+    "numeric strings": (b'{"instances": [[' + b'"0.5",' * 63 + b'"0.5"]]}', "numbers"),
+    "booleans": (b'{"instances": [[' + b"true," * 63 + b"false]]}", "numbers"),
+    "mixed booleans": (b'{"instances": [[true' + b",0.5" * 63 + b"]]}", "numbers"),
     "nan": (b'{"instances": [[NaN' + b",0" * 63 + b"]]}", "non-finite"),
     "infinity": (b'{"instances": [[1e999' + b",0" * 63 + b"]]}", "non-finite"),
     "too many": (b'{"instances": [' + b",".join([b"[" + b",".join([b"0"] * 64) + b"]"]
