@@ -182,17 +182,17 @@ def update(method: str, model: nn.Module | None, *, new: Data, all: Data, val: D
     new_d, all_d, val_d = new.to(dev), all.to(dev), val.to(dev)
     carry = run(t, new_d, all_d, val_d, s, model is None, progress)
     report = _prune(t, all_d, val_d, s.prune, s.train.lr, "prune", progress)
-    accuracy = report.final_accuracy
-    cost = meter.finish(len(all))  # the compact export below is not part of the update's cost
+    cost = meter.finish(len(all))
     compact = compact_params = None
-    if s.nonrecoverable is not None:
-        keep = copy.deepcopy(t.model)
-        _prune(t, all_d, val_d, s.nonrecoverable, s.train.lr, "prune-compact", progress)
-        compact, compact_params = t.model.cpu().eval(), count_parameters(t.model)
-        t.model = keep
+    if s.nonrecoverable is not None:  # an export pruned from a copy, on its own cost meter
+        tc = Trainer(copy.deepcopy(t.model), dev, s.train, CostMeter(str(dev)), seed=seed,
+                     should_stop=should_stop)
+        tc.gen = t.gen  # continue the same shuffle stream: the export is reproducible as before
+        _prune(tc, all_d, val_d, s.nonrecoverable, s.train.lr, "prune-compact", progress)
+        compact, compact_params = tc.model.cpu().eval(), count_parameters(tc.model)
     served = t.model.cpu().eval()
     return UpdateResult(served, served if carry is None and method != "tfs" else carry,
-                        accuracy, count_parameters(served), cost, report,
+                        report.final_accuracy, count_parameters(served), cost, report,
                         compact, compact_params)
 
 
