@@ -1,9 +1,14 @@
-"""Data sets and the paper's incremental split: Fashion-MNIST, scikit-learn digits.
+"""Data sets and the paper's incremental split: MNIST, Fashion-MNIST, scikit-learn digits.
 
 Images are float32 in [0, 1], shape (N, C, H, W); labels int64. Nothing is
-downloaded: Fashion-MNIST comes from the Debian package `dataset-fashion-mnist`
-(or a directory of the four IDX .gz files given by the user), digits ship with
-scikit-learn.
+downloaded: Fashion-MNIST comes from the Debian package `dataset-fashion-mnist`,
+MNIST (and Fashion-MNIST elsewhere) from a directory holding the four official IDX
+.gz files that the user gives, digits ship with scikit-learn.
+
+A data set the trainer reads is anything with the `Samples` interface: its length,
+`batch_indices` (a shuffled epoch, split into batches) and `gather` (one batch on a
+device). `Data` holds two tensors; `ChunkedData` holds several (e.g. memory-mapped
+chunk files) and gathers batches from them without concatenating them in memory.
 """
 
 from __future__ import annotations
@@ -12,20 +17,47 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 __all__ = [
-    "Data", "Dataset", "DATASETS", "FASHION_MNIST_DIR", "load_dataset",
-    "fashion_mnist_available", "incremental_split",
+    "Samples", "Data", "ChunkedData", "Dataset", "DATASETS", "FASHION_MNIST_DIR",
+    "load_dataset", "fashion_mnist_available", "idx_files_available", "incremental_split",
+    "place",
 ]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-_FMNIST_FILES = {
+_IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+
+
+class Samples(Protocol):
+    """What the trainer needs of a data set."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def batch_indices(self, batch_size: int, gen: torch.Generator,
+                      fraction: float = 1.0) -> list[torch.Tensor]: ...
+
+    def gather(self, index: torch.Tensor | slice, device: torch.device) -> Any: ...
+
+    def to(self, device: torch.device | str) -> "Samples": ...
+
+
+def _shuffled_batches(n: int, batch_size: int, gen: torch.Generator,
+                      fraction: float) -> list[torch.Tensor]:
+    order = torch.randperm(n, device=gen.device, generator=gen)
+    return list(order[: max(1, int(round(n * fraction)))].split(batch_size))
 
 
 @dataclass(frozen=True)
@@ -45,6 +77,28 @@ class Data:
     def to(self, device: torch.device | str) -> "Data":
         return Data(self.x.to(device), self.y.to(device))
 
+    @property
+    def nbytes(self) -> int:
+        return self.x.nbytes + self.y.nbytes
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def batch_indices(self, batch_size: int, gen: torch.Generator,
+                      fraction: float = 1.0) -> list[torch.Tensor]:
+        """A random order of (a `fraction` of) the samples, split into batches; the
+        indices live on `gen`'s device."""
+        return _shuffled_batches(len(self), batch_size, gen, fraction)
+
+    def gather(self, index: torch.Tensor | slice,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch (x, y) at `index`, on `device`."""
+        if isinstance(index, torch.Tensor) and index.device != self.x.device:
+            index = index.to(self.x.device)
+        x, y = self.x[index], self.y[index]
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
     def subset(self, index: torch.Tensor | slice) -> "Data":
         return Data(self.x[index], self.y[index])
 
@@ -58,6 +112,62 @@ class Data:
     def from_numpy(x: np.ndarray, y: np.ndarray) -> "Data":
         return Data(torch.as_tensor(np.asarray(x, dtype=np.float32)),
                     torch.as_tensor(np.asarray(y, dtype=np.int64)))
+
+
+class ChunkedData:
+    """Several `Data` parts read as one, without concatenating them in memory.
+
+    The parts stay where they are (CPU tensors, possibly views of memory-mapped
+    files); each batch is gathered from them and moved to the training device.
+    """
+
+    def __init__(self, parts: list[Data]) -> None:
+        if not parts:
+            raise ValueError("ChunkedData needs at least one part")
+        self.parts = parts
+        self.starts = torch.tensor([0] + [len(p) for p in parts]).cumsum(0)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    def batch_indices(self, batch_size: int, gen: torch.Generator,
+                      fraction: float = 1.0) -> list[torch.Tensor]:
+        return _shuffled_batches(len(self), batch_size, gen, fraction)
+
+    def gather(self, index: torch.Tensor | slice,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(index, slice):
+            index = torch.arange(len(self))[index]
+        index = index.cpu()
+        part = torch.searchsorted(self.starts[1:], index, right=True)
+        first = self.parts[0]
+        x = first.x.new_empty((len(index), *first.x.shape[1:]))
+        y = first.y.new_empty((len(index),))
+        for p in part.unique().tolist():
+            rows = (part == p).nonzero().squeeze(1)
+            local = index[rows] - self.starts[p]
+            x[rows], y[rows] = self.parts[p].x[local], self.parts[p].y[local]
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def to(self, device: torch.device | str) -> Data:
+        """All parts concatenated on `device` (resident)."""
+        return Data.concat([p.to(device) for p in self.parts])
+
+
+def place(data: Samples, device: torch.device, resident_bytes: int | None) -> Samples:
+    """`data` resident on `device` when it fits the budget (None: no limit), else left
+    where it is, to be streamed to the device batch by batch."""
+    if resident_bytes is None or data.nbytes <= resident_bytes:
+        return data.to(device)
+    return data
 
 
 @dataclass(frozen=True)
@@ -75,31 +185,55 @@ def _fmnist_root(root: str | os.PathLike | None) -> Path:
     return Path(os.environ.get("GNP_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
 
 
+def idx_files_available(root: str | os.PathLike) -> bool:
+    """True if `root` holds the four IDX .gz files of (Fashion-)MNIST."""
+    return all((Path(root) / f).is_file() for pair in _IDX_FILES.values() for f in pair)
+
+
 def fashion_mnist_available(root: str | os.PathLike | None = None) -> bool:
-    base = _fmnist_root(root)
-    return all((base / f).is_file() for pair in _FMNIST_FILES.values() for f in pair)
+    return idx_files_available(_fmnist_root(root))
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format): big-endian dims after a magic number."""
+    """Read a gzipped IDX file (the MNIST format): big-endian dims after a magic number."""
     with gzip.open(path, "rb") as f:
         raw = f.read()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(tuple(dims))
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path} holds {body.size} values, its header says {dims}")
+    return body.reshape(dims)
+
+
+def _load_idx_dataset(name: str, base: Path, hint: str) -> Dataset:
+    if not idx_files_available(base):
+        missing = [f for pair in _IDX_FILES.values() for f in pair if not (base / f).is_file()]
+        raise FileNotFoundError(f"{name}: {base} lacks {', '.join(missing)} ({hint})")
+    parts = {}
+    for split, (images, labels) in _IDX_FILES.items():
+        x = _read_idx(base / images).astype(np.float32)[:, None] / 255.0  # (N, 1, 28, 28)
+        y = _read_idx(base / labels)
+        if len(x) != len(y):
+            raise ValueError(f"{name} {split}: {len(x)} images but {len(y)} labels")
+        parts[split] = Data.from_numpy(x, y)
+    return Dataset(name, parts["train"], parts["test"], tuple(parts["train"].x.shape[1:]), 10)
 
 
 def _load_fashion_mnist(root: str | os.PathLike | None) -> Dataset:
-    base = _fmnist_root(root)
-    if not fashion_mnist_available(base):
-        raise FileNotFoundError(
-            f"Fashion-MNIST not found in {base}: install the Debian package "
-            "dataset-fashion-mnist or pass the directory holding the four IDX .gz files")
-    parts = {}
-    for split, (images, labels) in _FMNIST_FILES.items():
-        x = _read_idx(base / images).astype(np.float32)[:, None] / 255.0  # (N, 1, 28, 28)
-        parts[split] = Data.from_numpy(x, _read_idx(base / labels))
-    return Dataset("fashion-mnist", parts["train"], parts["test"], (1, 28, 28), 10)
+    return _load_idx_dataset("fashion-mnist", _fmnist_root(root),
+                             "install the Debian package dataset-fashion-mnist or pass "
+                             "the directory holding the four IDX .gz files")
+
+
+def _load_mnist(root: str | os.PathLike | None) -> Dataset:
+    if root is None:
+        raise FileNotFoundError("mnist: pass --data-dir, a directory holding the four official "
+                                "IDX .gz files (train-images-idx3-ubyte.gz, ...); nothing is "
+                                "downloaded")
+    return _load_idx_dataset("mnist", Path(root), "the four official MNIST IDX .gz files")
 
 
 def _load_digits(root: str | os.PathLike | None = None) -> Dataset:
@@ -115,11 +249,12 @@ def _load_digits(root: str | os.PathLike | None = None) -> Dataset:
                    Data.from_numpy(x[test], y[test]), (1, 8, 8), 10)
 
 
-DATASETS = {"fashion-mnist": _load_fashion_mnist, "digits": _load_digits}
+DATASETS = {"fashion-mnist": _load_fashion_mnist, "mnist": _load_mnist, "digits": _load_digits}
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None) -> Dataset:
-    """Load a data set by name ("fashion-mnist" or "digits")."""
+    """Load a data set by name ("mnist", "fashion-mnist" or "digits"); `root` is the
+    directory of its files where it has some."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     return DATASETS[name](root)

@@ -20,11 +20,24 @@ scales differ by orders of magnitude between layers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from gnp.masks import Masks
 
-__all__ = ["select_growth", "grow_by_gradient"]
+__all__ = ["GrowthStep", "select_growth", "grow_by_gradient"]
+
+
+@dataclass(frozen=True)
+class GrowthStep:
+    """One growth step: connections activated and the model's density around it."""
+
+    phase: str
+    grown: int
+    density_before: float
+    density_after: float
+    lr: float  # the learning rate the new weights were initialised with
 
 
 def select_growth(grad: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -50,16 +63,16 @@ def select_growth(grad: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch
 
 @torch.no_grad()
 def grow_by_gradient(masks: Masks, grads: dict[str, torch.Tensor], alpha: float,
-                     lr: float) -> int:
-    """Activate the selected dormant connections of every layer; returns how many grew.
+                     lr: float, phase: str = "") -> GrowthStep:
+    """Activate the selected dormant connections of every layer.
 
-    New weights start at -lr * gradient: magnitude learning rate x gradient, in
-    the direction one gradient-descent step from zero would take them.
+    New weights start at -lr * gradient, lr being the current learning rate: magnitude
+    learning rate x gradient, in the direction one descent step from zero takes them.
     """
-    grown = 0
+    before, grown = masks.density(), 0
     for layer in masks:
         add = select_growth(grads[layer.name], layer.mask, alpha)
         layer.weight[add] = -lr * grads[layer.name][add]
         layer.mask.logical_or_(add)  # in place: the buffer keeps its identity
         grown += int(add.sum())
-    return grown
+    return GrowthStep(phase, grown, before, masks.density(), lr)

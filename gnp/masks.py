@@ -77,16 +77,26 @@ class Masks:
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Hold dormant weights at exactly zero."""
-        for layer in self.layers:
-            layer.weight.mul_(layer.mask)
+        """Hold dormant weights at exactly zero (one fused multi-tensor op)."""
+        torch._foreach_mul_([layer.weight for layer in self.layers],
+                            [layer.mask for layer in self.layers])
 
     @torch.no_grad()
     def mask_grads(self) -> None:
         """Zero the gradients of dormant weights (call between backward and step)."""
+        pairs = [(layer.weight.grad, layer.mask) for layer in self.layers
+                 if layer.weight.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+    @torch.no_grad()
+    def mask_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the optimiser state (momentum) of dormant weights after masks change, so a
+        connection that grows back later starts without a stale velocity."""
         for layer in self.layers:
-            if layer.weight.grad is not None:
-                layer.weight.grad.mul_(layer.mask)
+            for buf in optimizer.state.get(layer.weight, {}).values():
+                if isinstance(buf, torch.Tensor) and buf.shape == layer.mask.shape:
+                    buf.mul_(layer.mask)
 
     @torch.no_grad()
     def set(self, new_masks: dict[str, torch.Tensor]) -> None:
@@ -111,8 +121,13 @@ class Masks:
         return {layer.name: ParamCount(layer.active, layer.mask.numel()) for layer in self.layers}
 
     def density(self) -> float:
+        """Share of the masked weights that are active (0..1)."""
         total = sum(layer.mask.numel() for layer in self.layers)
         return sum(layer.active for layer in self.layers) / total
+
+    def layer_density(self) -> dict[str, float]:
+        """Share of each masked layer's weights that are active."""
+        return {layer.name: layer.active / layer.mask.numel() for layer in self.layers}
 
 
 def count_parameters(model: nn.Module) -> ParamCount:

@@ -6,11 +6,18 @@
 - tfs:  train a dense model from scratch on all data, then prune.
 - nft:  keep a dense model across chunks, fine-tune it on all data, prune a copy.
 - nest: grow-and-prune from a sparse seed on all data.
+
+Every method is a list of phases run by one `Trainer`: one optimiser and one cosine
+schedule per update, sized from the training steps of all its phases. Updating an
+already trained model (ours and nft after the first chunk) peaks at
+`Schedule.incremental_lr`; training from scratch at `train.lr`. Pruning retrains at
+a fixed share of the update's peak, the same rule for every method.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -19,13 +26,14 @@ import torch
 from torch import nn
 
 from gnp.cost import Cost, CostMeter
-from gnp.data import Data
-from gnp.grow import grow_by_gradient
+from gnp.data import Samples, place
+from gnp.grow import GrowthStep, grow_by_gradient
 from gnp.masks import Masks, ParamCount, count_parameters
 from gnp.prune import PruneConfig, PruneReport, iterative_prune
+from gnp.tasks import CLASSIFICATION, Task
 from gnp.train import Progress, TrainConfig, Trainer, resolve_device
 
-__all__ = ["Schedule", "UpdateResult", "METHODS", "update", "sparse_seed"]
+__all__ = ["Phase", "Schedule", "UpdateResult", "METHODS", "update", "sparse_seed", "derive_seed"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,7 @@ class Schedule:
     grow_every: int = 5  # a growth epoch every this many epochs of a growth phase
     alpha: float = 50.0  # growth percentile (paper: 30..50)
     seed_density: float = 0.1  # NeST's sparse seed: share of connections active at start
-    incremental_lr: float | None = None  # ours after the first chunk (None: train.lr)
+    incremental_lr: float | None = 0.01  # peak lr updating a trained model (None: train.lr)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     nonrecoverable: PruneConfig | None = None  # set to also export an ultra-compact model
@@ -47,11 +55,29 @@ class Schedule:
     def quick(cls) -> "Schedule":
         """A reduced schedule that runs the whole protocol in minutes on a 2-core CPU."""
         return cls(new_epochs=3, all_epochs=4, baseline_epochs=12, grow_every=3,
-                   prune=PruneConfig(beta=5.0, retrain_epochs=1.0, max_iterations=60))
+                   prune=PruneConfig(retrain_epochs=1.0, max_iterations=60))
 
     def with_nonrecoverable(self, tolerance: float = 0.005) -> "Schedule":
         return replace(self, nonrecoverable=replace(
             self.prune, recoverable=False, tolerance=tolerance))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """`epochs` passes over the new chunk or all data; every `grow_every`-th (the first
+    included) is a growth epoch: gradients accumulated, no update (0: no growth)."""
+
+    name: str
+    data: str  # "new" or "all"
+    epochs: int
+    grow_every: int = 0
+
+    def grows(self, epoch: int) -> bool:
+        return bool(self.grow_every) and epoch % self.grow_every == 0
+
+    @property
+    def training_epochs(self) -> int:
+        return sum(not self.grows(e) for e in range(self.epochs))
 
 
 @dataclass(frozen=True)
@@ -64,6 +90,16 @@ class UpdateResult:
     prune: PruneReport
     compact: nn.Module | None = None  # non-recoverable export, when asked for
     compact_params: ParamCount | None = None
+    compact_val_accuracy: float | None = None
+    pre_prune_accuracy: float = float("nan")  # validation metric before pruning
+    growth: tuple[GrowthStep, ...] = ()  # every growth step, in order
+    peak_lr: float = float("nan")
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """An independent 63-bit seed for one use of a run's seed (init, shuffling, sparse seed)."""
+    digest = hashlib.blake2b(f"{seed}:{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @torch.no_grad()
@@ -89,82 +125,68 @@ def sparse_seed(masks: Masks, density: float, gen: torch.Generator) -> None:
     masks.apply()
 
 
-def _grow_and_train(t: Trainer, data: Data, epochs: int, s: Schedule, phase: str,
-                    progress: Progress | None) -> None:
-    """A growth phase: every `grow_every`-th epoch (the first included) is a growth epoch."""
-    t.meter.phase = phase
-    steps = math.ceil(len(data) / t.batch_size(len(data))) * epochs
-    opt = t.optimizer()
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=t.cfg.lr * 0.01)
-    for epoch in range(epochs):
-        if s.grow_every and epoch % s.grow_every == 0:
-            grow_by_gradient(t.masks, t.mean_gradients(data), s.alpha, t.cfg.lr)
-        else:
-            t.train_epoch(data, opt, sched)
-        if progress:
-            progress(phase, epoch + 1, epochs)
+def _run_phases(t: Trainer, phases: list[Phase], data: dict[str, Samples], s: Schedule,
+                peak: float, progress: Progress | None) -> list[GrowthStep]:
+    """Run `phases` under one cosine schedule over all their training steps."""
+    t.plan(sum(p.training_epochs * t.steps(len(data[p.data])) for p in phases), peak)
+    growth = []
+    for p in phases:
+        t.meter.phase = p.name
+        for epoch in range(p.epochs):
+            if p.grows(epoch):
+                grads = t.mean_gradients(data[p.data])
+                growth.append(grow_by_gradient(t.masks, grads, s.alpha, t.lr, p.name))
+            else:
+                t.train_epoch(data[p.data])
+            if progress:
+                progress(p.name, epoch + 1, p.epochs)
+    return growth
 
 
-def _train_dense(t: Trainer, data: Data, epochs: int, s: Schedule, phase: str,
-                 progress: Progress | None) -> None:
-    _grow_and_train(t, data, epochs, replace(s, grow_every=0), phase, progress)
+def _ours_phases(s: Schedule) -> list[Phase]:
+    return [Phase("grow-new", "new", s.new_epochs, s.grow_every),
+            Phase("grow-all", "all", s.all_epochs, s.grow_every)]
 
 
-def _prune(t: Trainer, data: Data, val: Data, cfg: PruneConfig, lr: float, phase: str,
-           progress: Progress | None) -> PruneReport:
-    t.meter.phase = phase
-    if progress:
-        progress(phase, 0, 1)
-    report = iterative_prune(t, data, val, cfg, lr)
-    if progress:
-        progress(phase, 1, 1)
-    return report
+def _nest_phases(s: Schedule) -> list[Phase]:
+    return [Phase("grow-all", "all", s.baseline_epochs, s.grow_every)]
 
 
-def _ours(t, new, all, val, s, first, progress):
-    if first:
-        return _nest(t, new, all, val, s, first, progress)
-    if s.incremental_lr is not None:  # updating a trained model, not training one
-        t.cfg = replace(t.cfg, lr=s.incremental_lr)
-    _grow_and_train(t, new, s.new_epochs, s, "grow-new", progress)
-    _grow_and_train(t, all, s.all_epochs, s, "grow-all", progress)
-    return None
+# method -> (phases of the first chunk, phases of later chunks, fresh model every chunk?,
+#            sparse seed at the start?, carries a dense copy?)
+@dataclass(frozen=True)
+class _Method:
+    first: Callable[[Schedule], list[Phase]]
+    later: Callable[[Schedule], list[Phase]]
+    fresh: bool  # a new model every update (from scratch)
+    seeded: bool  # starts from NeST's sparse seed when fresh
+    dense_carry: bool = False  # the unpruned model carries on (nft)
 
 
-def _nest(t, new, all, val, s, first, progress):
-    # Draw the seed's generator from the global stream (already past the weight init): a
-    # generator seeded with the same number as the init would select by the init's own draws.
-    gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
-    sparse_seed(t.masks, s.seed_density, gen)
-    _grow_and_train(t, all, s.baseline_epochs, s, "grow-all", progress)
-    return None
-
-
-def _tfs(t, new, all, val, s, first, progress):
-    _train_dense(t, all, s.baseline_epochs, s, "train-all", progress)
-    return None
-
-
-def _nft(t, new, all, val, s, first, progress):
-    _train_dense(t, all, s.baseline_epochs, s, "finetune-all", progress)
-    return copy.deepcopy(t.model).cpu()  # the dense model carries on; a copy is pruned
-
-
-# (phase runner, starts from a fresh model?)
-METHODS: dict[str, tuple[Callable, bool]] = {
-    "ours": (_ours, False), "tfs": (_tfs, True), "nft": (_nft, False), "nest": (_nest, True),
+METHODS: dict[str, _Method] = {
+    "ours": _Method(_nest_phases, _ours_phases, fresh=False, seeded=True),
+    "tfs": _Method(lambda s: [Phase("train-all", "all", s.baseline_epochs)],
+                   lambda s: [Phase("train-all", "all", s.baseline_epochs)],
+                   fresh=True, seeded=False),
+    "nft": _Method(lambda s: [Phase("train-all", "all", s.baseline_epochs)],
+                   lambda s: [Phase("finetune-all", "all", s.baseline_epochs)],
+                   fresh=False, seeded=False, dense_carry=True),
+    "nest": _Method(_nest_phases, _nest_phases, fresh=True, seeded=True),
 }
 
 
-def update(method: str, model: nn.Module | None, *, new: Data, all: Data, val: Data,
-           schedule: Schedule | None = None, build: Callable[[], nn.Module] | None = None,
-           device: str | torch.device = "auto", seed: int = 0,
+def update(method: str, model: nn.Module | None, *, new: Samples, all: Samples,
+           val: Samples, schedule: Schedule | None = None,
+           build: Callable[[], nn.Module] | None = None,
+           device: str | torch.device = "auto", seed: int = 0, task: Task = CLASSIFICATION,
            progress: Progress | None = None,
            should_stop: Callable[[], bool] | None = None) -> UpdateResult:
     """Run one update of `method` with the new chunk `new` and all stored data `all`.
 
     `model` is the previous update's `carry` (None on the first chunk); fresh
-    models come from `build()` or, when omitted, from rebuilding `model.spec`.
+    models come from `build()` or, when omitted, from rebuilding `model.spec`, and
+    are initialised from `seed`.
+    Only local generators are used (the global RNG is neither read nor reseeded).
     Raises Abandoned when `should_stop()` turns true, TrainingDiverged on a
     non-finite loss, ValueError for bad arguments. The input model is never modified.
     """
@@ -172,35 +194,64 @@ def update(method: str, model: nn.Module | None, *, new: Data, all: Data, val: D
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     if len(new) == 0 or len(all) == 0 or len(val) == 0:
         raise ValueError(f"new, all and val must be non-empty (got {len(new)}, {len(all)}, {len(val)})")
-    s = schedule or Schedule()
-    run, fresh = METHODS[method]
-    torch.manual_seed(seed)  # before building: a fresh model's init is part of the run
-    work = _fresh_model(model, build) if (fresh or model is None) else copy.deepcopy(model)
+    s, m = schedule or Schedule(), METHODS[method]
+    first = model is None
+    fresh = m.fresh or first
+    work = _fresh_model(model, build, derive_seed(seed, "init")) if fresh else copy.deepcopy(model)
     dev = resolve_device(device)
     meter = CostMeter(device=str(dev))
-    t = Trainer(work, dev, s.train, meter, seed=seed, should_stop=should_stop)
-    new_d, all_d, val_d = new.to(dev), all.to(dev), val.to(dev)
-    carry = run(t, new_d, all_d, val_d, s, model is None, progress)
-    report = _prune(t, all_d, val_d, s.prune, s.train.lr, "prune", progress)
+    t = Trainer(work, dev, s.train, meter, task, seed=derive_seed(seed, "shuffle"),
+                should_stop=should_stop)
+    budget = s.train.resident_bytes
+    data = {"new": place(new, dev, budget), "all": place(all, dev, budget)}
+    val_d = place(val, dev, budget)
+    if fresh and m.seeded:
+        sparse_seed(t.masks, s.seed_density, torch.Generator().manual_seed(derive_seed(seed, "sparse")))
+    peak = s.train.lr if fresh or s.incremental_lr is None else s.incremental_lr
+    growth = _run_phases(t, (m.first if first else m.later)(s), data, s, peak, progress)
+    carry = copy.deepcopy(t.model).cpu() if m.dense_carry else None
+    pre_prune = t.evaluate(val_d)
+    report = _prune(t, data["all"], val_d, s.prune, peak, "prune", progress)
     cost = meter.finish(len(all))
-    compact = compact_params = None
-    if s.nonrecoverable is not None:  # an export pruned from a copy, on its own cost meter
-        tc = Trainer(copy.deepcopy(t.model), dev, s.train, CostMeter(str(dev)), seed=seed,
-                     should_stop=should_stop)
-        tc.gen = t.gen  # continue the same shuffle stream: the export is reproducible as before
-        _prune(tc, all_d, val_d, s.nonrecoverable, s.train.lr, "prune-compact", progress)
-        compact, compact_params = tc.model.cpu().eval(), count_parameters(tc.model)
+    compact = _export(t, data["all"], val_d, s, peak, progress) if s.nonrecoverable else None
     served = t.model.cpu().eval()
-    return UpdateResult(served, served if carry is None and method != "tfs" else carry,
-                        report.final_accuracy, count_parameters(served), cost, report,
-                        compact, compact_params)
+    return UpdateResult(
+        served, carry if m.dense_carry else (None if m.fresh else served),
+        report.final_accuracy, count_parameters(served), cost, report,
+        compact[0] if compact else None, compact[1] if compact else None,
+        compact[2] if compact else None, pre_prune, tuple(growth), peak)
 
 
-def _fresh_model(model: nn.Module | None, build: Callable[[], nn.Module] | None) -> nn.Module:
+def _prune(t: Trainer, data: Samples, val: Samples, cfg: PruneConfig, peak: float,
+           phase: str, progress: Progress | None) -> PruneReport:
+    t.meter.phase = phase
+    if progress:
+        progress(phase, 0, 1)
+    report = iterative_prune(t, data, val, cfg, peak)
+    if progress:
+        progress(phase, 1, 1)
+    return report
+
+
+def _export(t: Trainer, data: Samples, val: Samples, s: Schedule, peak: float,
+            progress: Progress | None) -> tuple[nn.Module, ParamCount, float]:
+    """The non-recoverable export: a copy pruned on, with its own trainer and cost meter."""
+    tc = Trainer(copy.deepcopy(t.model), t.device, s.train, CostMeter(str(t.device)), t.task,
+                 should_stop=t.should_stop)
+    tc.gen = t.gen  # continue the same shuffle stream
+    report = _prune(tc, data, val, s.nonrecoverable, peak, "prune-compact", progress)
+    return tc.model.cpu().eval(), count_parameters(tc.model), report.final_accuracy
+
+
+def _fresh_model(model: nn.Module | None, build: Callable[[], nn.Module] | None,
+                 seed: int) -> nn.Module:
+    """`build()` (or a rebuild of `model.spec`), initialised from a local generator."""
+    from gnp.models import build_model, init_parameters
     if build is not None:
-        return build()
+        fresh = build()
+        init_parameters(fresh, torch.Generator().manual_seed(seed))
+        return fresh
     spec = getattr(model, "spec", None)
     if spec is None:
         raise ValueError("a fresh model is needed: pass build=, or a model made by gnp.build_model")
-    from gnp.models import build_model
-    return build_model(spec.name, spec.input_shape, spec.num_classes)
+    return build_model(spec.name, spec.input_shape, spec.num_classes, seed=seed)

@@ -9,44 +9,60 @@ Layers are taken in module order, which is the data-flow order for the
 sequential models here; for models with skip connections the constraint is
 per layer pair and therefore approximate.
 
-Iterate: prune a step, and if validation accuracy fell below the reference,
-retrain in short slices until it recovers; a step that cannot recover within
-the retraining budget is rolled back and pruning stops.
+Iterate (the paper's rule): prune a step, then retrain until the validation
+metric has recovered to the pre-pruning model's, and go on; a step that cannot
+recover within the retraining budget is rolled back, and pruning retries it
+with half the step before it stops.
+
+"Recovered" is a paired comparison on the validation samples, so that it is
+not decided by noise: with d_i the difference of per-sample scores between
+the pruned model and the pre-pruning reference (for accuracy: +1 where only
+the pruned model is right, -1 where only the reference is), the pruned model
+has recovered when sum(d) >= -z * sqrt(sum(d^2)): its deficit is within z
+standard deviations of what two equally good models disagreeing on the same
+samples would show (McNemar's statistic for accuracy). Every step is compared
+with the same fixed reference, so allowances do not compound; z = 0 is the
+plain "no lower than before" rule, which stops a converged model at the first
+unlucky draw.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from gnp.data import Data
+from gnp.data import Samples
 from gnp.masks import Masks
 from gnp.train import Trainer
 
 __all__ = ["PruneConfig", "PruneReport", "select_prune", "keep_connected", "prune_step",
-           "iterative_prune"]
+           "iterative_prune", "recovered"]
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     beta: float = 5.0  # percent of each layer's active weights removed per iteration
     recoverable: bool = True
-    tolerance: float = 0.0  # accuracy (0..1) the pruned model may lose vs the reference
-    retrain_epochs: float = 2.0  # retraining budget per iteration, in epochs of the data
-    retrain_slice: float = 0.25  # retrain in slices of this fraction of an epoch
-    retrain_lr_factor: float = 0.1  # retraining lr = this x the training lr
-    max_iterations: int = 200
+    tolerance: float = 0.0  # metric (0..1) the pruned model may lose vs the reference
+    noise_z: float = 1.0  # paired-noise allowance, in standard deviations (see above)
+    retrain_epochs: float = 4.0  # most retraining per iteration, in epochs of the data
+    retrain_slice: float = 0.5  # retrain in slices of this fraction of an epoch
+    retrain_lr_factor: float = 0.1  # retraining lr = this x the update's peak lr
+    max_halvings: int = 1  # a failed step is retried with half the step this many times
+    max_iterations: int = 300
 
 
 @dataclass(frozen=True)
 class PruneReport:
-    iterations: int
-    reference_accuracy: float
+    iterations: int  # pruning steps kept
+    reference_accuracy: float  # the metric before pruning (validation)
     final_accuracy: float
     active_before: int
     active_after: int
     stopped_by: str  # "accuracy", "no_progress" or "max_iterations"
+    retrain_passes: int = 0  # training sample passes spent retraining
 
 
 def select_prune(weight: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -107,36 +123,59 @@ def prune_step(masks: Masks, beta: float, recoverable: bool) -> int:
     return removed
 
 
-def _recover(trainer: Trainer, train: Data, val: Data, target: float, cfg: PruneConfig,
-             lr: float) -> float:
-    """Retrain in slices until validation accuracy reaches `target` or the budget is spent."""
-    acc = trainer.evaluate(val)
+def recovered(ref: torch.Tensor, new: torch.Tensor, weights: torch.Tensor,
+              tolerance: float = 0.0, z: float = 1.0) -> bool:
+    """Paired check that per-sample scores `new` are not worse than `ref` beyond noise.
+
+    The metric is sum(scores) / sum(weights); `tolerance` is a metric loss allowed
+    on top of the noise allowance of `z` standard deviations.
+    """
+    d = (new - ref).double()
+    return float(d.sum()) >= -tolerance * float(weights.sum()) - z * math.sqrt(float((d * d).sum()))
+
+
+def _retrain_until_recovered(t: Trainer, train: Samples, val: Samples, ref: torch.Tensor,
+                             cfg: PruneConfig, lr: float) -> bool:
+    """Retrain in slices until the paired check passes or the budget is spent."""
+    s, w = t.scores(val)
     slices = int(round(cfg.retrain_epochs / cfg.retrain_slice))
-    opt = trainer.optimizer(lr * cfg.retrain_lr_factor) if slices else None
-    for _ in range(slices):
-        if acc >= target:
+    for _ in range(slices + 1):
+        if recovered(ref, s, w, cfg.tolerance, cfg.noise_z):
+            return True
+        if slices == 0:
             break
-        trainer.train_epoch(train, opt, fraction=cfg.retrain_slice)
-        acc = trainer.evaluate(val)
-    return acc
+        slices -= 1
+        t.train_epoch(train, fraction=cfg.retrain_slice, lr=lr)
+        s, w = t.scores(val)
+    return False
 
 
-def iterative_prune(trainer: Trainer, train: Data, val: Data, cfg: PruneConfig,
-                    lr: float, reference: float | None = None) -> PruneReport:
-    """Prune `beta` percent per iteration with retraining, until accuracy cannot recover."""
-    masks = trainer.masks
-    reference = trainer.evaluate(val) if reference is None else reference
-    target = reference - cfg.tolerance
-    before, acc, stopped, it = masks.count().active, reference, "max_iterations", 0
-    for it in range(1, cfg.max_iterations + 1):
-        state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-        if prune_step(masks, cfg.beta, cfg.recoverable) == 0:
-            stopped, it = "no_progress", it - 1
+def iterative_prune(t: Trainer, train: Samples, val: Samples, cfg: PruneConfig,
+                    peak_lr: float) -> PruneReport:
+    """Prune `beta` percent per iteration with retraining, until a step cannot recover.
+
+    The reference is the model as it is now; the retraining rate is
+    `cfg.retrain_lr_factor` x `peak_lr`, the peak of the update's schedule.
+    """
+    masks = t.masks
+    ref, weights = t.scores(val)
+    reference = float(ref.sum() / weights.sum())
+    before, passes0 = masks.count().active, t.meter.sample_passes
+    beta, halvings, kept, stopped = cfg.beta, 0, 0, "max_iterations"
+    lr = cfg.retrain_lr_factor * peak_lr
+    for _ in range(cfg.max_iterations):
+        snap = t.snapshot()
+        if prune_step(masks, beta, cfg.recoverable) == 0:
+            stopped = "no_progress"
             break
-        new_acc = _recover(trainer, train, val, target, cfg, lr)
-        if new_acc < target:
-            trainer.model.load_state_dict(state)  # roll back the step that broke it
-            stopped, it = "accuracy", it - 1
+        masks.mask_state(t.opt)
+        if _retrain_until_recovered(t, train, val, ref, cfg, lr):
+            kept += 1
+            continue
+        t.restore(snap)  # roll back the step that broke it
+        if halvings >= cfg.max_halvings:
+            stopped = "accuracy"
             break
-        acc = new_acc
-    return PruneReport(it, reference, acc, before, masks.count().active, stopped)
+        beta, halvings = beta / 2, halvings + 1
+    return PruneReport(kept, reference, t.evaluate(val), before, masks.count().active,
+                       stopped, t.meter.sample_passes - passes0)

@@ -1,9 +1,15 @@
-"""Training with the data set resident on the device, batched by indexing.
+"""Training with the data resident on the device (or streamed to it), batched by indexing.
 
-No DataLoader: the whole tensor lives on the device, each epoch draws a random
-permutation there and slices batches from it, and the affine-distortion
-augmentation runs on the device too. The loop reads top to bottom:
-forward, backward, mask gradients, step, re-apply masks.
+No DataLoader: each epoch draws a random permutation and gathers batches from the
+data set, and augmentation runs on the device. The loop reads top to bottom:
+forward and loss (the task's), backward, mask gradients, step, re-apply masks.
+Nothing in a step waits for the device: the loss is summed on the device and
+checked once per epoch.
+
+One `Trainer` serves one update: one optimiser (its momentum carries across the
+update's phases) and one cosine learning-rate schedule, sized from the optimiser
+steps the update will actually take (growth epochs take none), so it ends at its
+final rate whatever the mix of growth and training epochs.
 """
 
 from __future__ import annotations
@@ -11,19 +17,20 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from gnp.augment import affine_distort
 from gnp.cost import CostMeter
-from gnp.data import Data
+from gnp.data import Samples
 from gnp.masks import Masks
+from gnp.tasks import CLASSIFICATION, Task
 
 __all__ = [
-    "Abandoned", "TrainingDiverged", "TrainConfig", "Trainer", "affine_distort",
-    "evaluate", "resolve_device",
+    "Abandoned", "CosineSchedule", "TrainingDiverged", "TrainConfig", "Trainer",
+    "affine_distort", "evaluate", "resolve_device", "sample_scores",
 ]
 
 Progress = Callable[[str, int, int], None]
@@ -49,140 +56,173 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = 0.05
+    lr: float = 0.05  # peak learning rate of a schedule
+    final_lr: float = 0.01  # a schedule ends at lr x this (cosine annealing)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     batch_size: int = 128
-    augment: bool = True
-    max_rotation_deg: float = 10.0
-    max_scale: float = 0.1
-    max_shear: float = 0.1
-    max_translate: float = 0.1  # fraction of the image size
+    augment: bool = True  # the task's random distortions on training batches
+    resident_bytes: int | None = None  # larger data sets stream to the device per batch
 
 
-def affine_distort(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Random affine distortion (rotation, scale, shear, translation) per image, on x's device.
+@dataclass
+class CosineSchedule:
+    """Cosine annealing from `peak` to `floor` over `total` optimiser steps."""
 
-    x: (B, C, H, W). Non-image inputs (H or W of 1) are returned unchanged.
-    """
-    if x.dim() != 4 or min(x.shape[-2:]) < 4:
-        return x
-    b = x.shape[0]
-    u = torch.rand(b, 5, device=x.device, generator=gen) * 2 - 1  # uniform in [-1, 1)
-    angle = u[:, 0] * math.radians(cfg.max_rotation_deg)
-    scale = 1 + u[:, 1] * cfg.max_scale
-    shear = u[:, 2] * cfg.max_shear
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([
-        torch.stack([cos, -sin + shear, u[:, 3] * 2 * cfg.max_translate], 1),
-        torch.stack([sin, cos, u[:, 4] * 2 * cfg.max_translate], 1),
-    ], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+    peak: float
+    floor: float
+    total: int
+    taken: int = 0
+
+    def lr(self) -> float:
+        if self.total <= 0:
+            return self.floor
+        t = min(self.taken, self.total) / self.total
+        return self.floor + (self.peak - self.floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Data, device: str | torch.device | None = None,
-             batch_size: int = 4096, meter: CostMeter | None = None) -> float:
-    """Accuracy of `model` on `data` (0..1), on the model's device unless `device` is given
-    (then on a copy of the model there; the model itself is not moved)."""
-    here = next(model.parameters()).device
-    device = here if device is None else resolve_device(device)
-    if device.type != here.type:
-        model = copy.deepcopy(model).to(device)
+def sample_scores(model: nn.Module, data: Samples, device: torch.device | None = None,
+                  task: Task = CLASSIFICATION,
+                  batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (score, weight) of `model` on `data`, in eval mode, on `device`."""
+    device = next(model.parameters()).device if device is None else device
     was_training = model.training
     model.eval()
-    correct = 0
+    scores, weights = [], []
     for i in range(0, len(data), batch_size):
-        x = data.x[i:i + batch_size].to(device, non_blocking=True)
-        y = data.y[i:i + batch_size].to(device, non_blocking=True)
-        correct += int((model(x).argmax(1) == y).sum())
+        s, w = task.scores(model, data.gather(slice(i, i + batch_size), device))
+        scores.append(s)
+        weights.append(w)
+    model.train(was_training)
+    return torch.cat(scores), torch.cat(weights)
+
+
+def evaluate(model: nn.Module, data: Samples, device: str | torch.device | None = None,
+             task: Task = CLASSIFICATION, meter: CostMeter | None = None) -> float:
+    """The task's metric (accuracy for classification, 0..1) of `model` on `data`, on the
+    model's device unless `device` is given (then on a copy there; `model` is not moved)."""
+    here = next(model.parameters()).device
+    device = here if device is None else resolve_device(device)
+    if device != here:
+        model = copy.deepcopy(model).to(device)
+    scores, weights = sample_scores(model, data, device, task)
     if meter is not None:
         meter.add_eval(len(data))
-    model.train(was_training)
-    return correct / max(len(data), 1)
+    return float(scores.sum() / weights.sum().clamp(min=1e-12))
 
 
 class Trainer:
-    """Trains one masked model on device-resident data; counts every sample pass."""
+    """Trains one masked model for one update; counts every sample pass."""
 
     def __init__(self, model: nn.Module, device: torch.device, cfg: TrainConfig,
-                 meter: CostMeter, seed: int = 0, should_stop: Callable[[], bool] | None = None):
+                 meter: CostMeter, task: Task = CLASSIFICATION, seed: int = 0,
+                 should_stop: Callable[[], bool] | None = None) -> None:
         self.model = model.to(device)
-        self.masks = Masks(model)
-        self.device = device
-        self.cfg = cfg
-        self.meter = meter
+        self.masks = Masks(self.model)
+        self.device, self.cfg, self.meter, self.task = device, cfg, meter, task
         self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.cpu_gen = torch.Generator().manual_seed(seed) if device.type != "cpu" else self.gen
         self.should_stop = should_stop
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay, fused=True)
+        self.schedule = CosineSchedule(cfg.lr, cfg.lr * cfg.final_lr, 0)
 
-    def optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr if lr is None else lr,
-                               momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+    # -- schedule ---------------------------------------------------------------
 
     def batch_size(self, n: int) -> int:
-        """The configured batch size, cut so an epoch of n samples has at least 16 steps.
-
-        Small data (a few hundred samples) would otherwise get 2-3 steps an epoch and
-        barely move; data sets of 2,048+ samples at batch 128 are unaffected.
-        """
+        """The configured batch size, cut so an epoch of n samples has at least 16 steps
+        (a few hundred samples would otherwise get 2-3 steps an epoch)."""
         return max(1, min(self.cfg.batch_size, n // MIN_STEPS_PER_EPOCH))
 
-    def _batches(self, data: Data, fraction: float = 1.0):
-        n = len(data)
-        order = torch.randperm(n, device=self.device, generator=self.gen)
-        order = order[: max(1, int(round(n * fraction)))]
-        bs = self.batch_size(n)
-        for i in range(0, len(order), bs):
-            idx = order[i:i + bs]
-            x = data.x[idx]
-            if self.cfg.augment:
-                x = affine_distort(x, self.cfg, self.gen)
-            yield x, data.y[idx]
+    def steps(self, n: int, fraction: float = 1.0) -> int:
+        """Optimiser steps of one pass over `fraction` of `n` samples."""
+        return math.ceil(max(1, int(round(n * fraction))) / self.batch_size(n))
+
+    def plan(self, steps: int, peak: float | None = None) -> None:
+        """Start one cosine schedule over the next `steps` optimiser steps."""
+        peak = self.cfg.lr if peak is None else peak
+        self.schedule = CosineSchedule(peak, peak * self.cfg.final_lr, int(steps))
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next scheduled step."""
+        return self.schedule.lr()
+
+    # -- passes -----------------------------------------------------------------
 
     def check_stop(self) -> None:
         if self.should_stop is not None and self.should_stop():
             raise Abandoned("update abandoned on request")
 
-    def train_epoch(self, data: Data, opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LRScheduler | None = None,
-                    fraction: float = 1.0) -> float:
-        """One pass (or `fraction` of one) over `data`; returns the mean loss."""
+    def _batches(self, data: Samples, fraction: float = 1.0):
+        gen = self.gen if data.device.type == self.device.type else self.cpu_gen
+        for idx in data.batch_indices(self.batch_size(len(data)), gen, fraction):
+            batch = data.gather(idx, self.device)
+            yield self.task.augment(batch, self.gen) if self.cfg.augment else batch, len(idx)
+
+    def train_epoch(self, data: Samples, fraction: float = 1.0,
+                    lr: float | None = None) -> float:
+        """One pass (or `fraction` of one) over `data`; returns the mean loss.
+
+        Steps follow the schedule, or run at the constant rate `lr` when given
+        (pruning's retraining), which leaves the schedule where it is.
+        """
         self.check_stop()
         self.model.train()
-        total, count = 0.0, 0
-        for x, y in self._batches(data, fraction):
-            loss = F.cross_entropy(self.model(x), y)
-            opt.zero_grad(set_to_none=True)
+        total, count = torch.zeros((), device=self.device), 0
+        for batch, n in self._batches(data, fraction):
+            rate = self.schedule.lr() if lr is None else lr
+            for group in self.opt.param_groups:
+                group["lr"] = rate
+            loss = self.task.loss(self.model, batch)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.masks.mask_grads()
-            opt.step()
+            self.opt.step()
             self.masks.apply()
-            if sched is not None:
-                sched.step()
-            total += float(loss.detach()) * len(y)
-            count += len(y)
-            self.meter.add(len(y))
-        mean = total / max(count, 1)
+            if lr is None:
+                self.schedule.taken += 1
+            total += loss.detach() * n
+            count += n
+            self.meter.add(n)
+        mean = float(total) / max(count, 1)  # the one host sync of the epoch
         if not math.isfinite(mean):
             raise TrainingDiverged(f"training loss became {mean}")
         return mean
 
-    def mean_gradients(self, data: Data) -> dict[str, torch.Tensor]:
+    def mean_gradients(self, data: Samples) -> dict[str, torch.Tensor]:
         """Mean dense gradient of every masked weight over one epoch, with updates paused."""
         self.check_stop()
         self.model.train()
-        sums = {layer.name: torch.zeros_like(layer.weight) for layer in self.masks}
+        sums = [torch.zeros_like(layer.weight) for layer in self.masks]
         batches = 0
-        for x, y in self._batches(data):
+        for batch, n in self._batches(data):
             self.model.zero_grad(set_to_none=True)
-            F.cross_entropy(self.model(x), y).backward()
-            for layer in self.masks:
-                sums[layer.name] += layer.weight.grad
+            self.task.loss(self.model, batch).backward()
+            torch._foreach_add_(sums, [layer.weight.grad for layer in self.masks])
             batches += 1
-            self.meter.add(len(y))
+            self.meter.add(n)
         self.model.zero_grad(set_to_none=True)
-        return {name: s / max(batches, 1) for name, s in sums.items()}
+        torch._foreach_div_(sums, float(max(batches, 1)))
+        return {layer.name: s for layer, s in zip(self.masks, sums)}
 
-    def evaluate(self, data: Data) -> float:
-        return evaluate(self.model, data, self.device, meter=self.meter)
+    def scores(self, data: Samples) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (score, weight) on `data` (forward passes, counted apart)."""
+        self.meter.add_eval(len(data))
+        return sample_scores(self.model, data, self.device, self.task)
+
+    def evaluate(self, data: Samples) -> float:
+        s, w = self.scores(data)
+        return float(s.sum() / w.sum().clamp(min=1e-12))
+
+    # -- state ------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the model's and the optimiser's state (for rolling a step back)."""
+        return {"model": {k: v.clone() for k, v in self.model.state_dict().items()},
+                "opt": copy.deepcopy(self.opt.state_dict())}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        self.model.load_state_dict(snap["model"])
+        self.opt.load_state_dict(snap["opt"])

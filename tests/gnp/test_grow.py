@@ -34,9 +34,11 @@ def test_grow_initialises_new_weights_to_lr_times_gradient_and_keeps_old():
     old = model[0].weight.detach().clone()
     grad = torch.arange(12, dtype=torch.float32).view(3, 4) - 6  # |g| distinct, largest at ends
     expected = select_growth(grad, masks.layers[0].mask.clone(), 75)
-    grown = grow_by_gradient(masks, {"0": grad}, alpha=75, lr=0.1)
+    step = grow_by_gradient(masks, {"0": grad}, alpha=75, lr=0.1)
     w, m = model[0].weight.detach(), masks.layers[0].mask
-    assert grown == int(expected.sum()) > 0
+    assert step.grown == int(expected.sum()) > 0
+    assert step.density_before == pytest.approx(3 / 12)
+    assert step.density_after == pytest.approx((3 + step.grown) / 12)
     assert torch.allclose(w[expected], -0.1 * grad[expected])  # lr x gradient, descent direction
     was_active = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], dtype=torch.bool)
     assert torch.equal(w[was_active], old[was_active])
