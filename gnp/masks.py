@@ -57,6 +57,18 @@ class Masks:
             MaskedLayer(name, m, m.weight, getattr(m, MASK))
             for name, m in model.named_modules() if isinstance(getattr(m, MASK, None), torch.Tensor)
         ]
+        self._factors: list[torch.Tensor] = []
+        self._versions: list[int] = []
+
+    def factors(self) -> list[torch.Tensor]:
+        """The masks as 0/1 tensors of the weights' dtype (multiplying by a bool mask costs a
+        type conversion per step). Cached, and rebuilt when any mask was changed in place
+        (a tensor's `_version` counts its in-place changes, `load_state_dict` included)."""
+        versions = [layer.mask._version for layer in self.layers]
+        if versions != self._versions or not self._factors:
+            self._factors = [layer.mask.to(layer.weight.dtype) for layer in self.layers]
+            self._versions = versions
+        return self._factors
 
     @classmethod
     def attach(cls, model: nn.Module, kinds: tuple[type[nn.Module], ...] = PRUNABLE) -> "Masks":
@@ -78,13 +90,12 @@ class Masks:
     @torch.no_grad()
     def apply(self) -> None:
         """Hold dormant weights at exactly zero (one fused multi-tensor op)."""
-        torch._foreach_mul_([layer.weight for layer in self.layers],
-                            [layer.mask for layer in self.layers])
+        torch._foreach_mul_([layer.weight for layer in self.layers], self.factors())
 
     @torch.no_grad()
     def mask_grads(self) -> None:
         """Zero the gradients of dormant weights (call between backward and step)."""
-        pairs = [(layer.weight.grad, layer.mask) for layer in self.layers
+        pairs = [(layer.weight.grad, f) for layer, f in zip(self.layers, self.factors())
                  if layer.weight.grad is not None]
         if pairs:
             torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])

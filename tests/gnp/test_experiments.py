@@ -3,7 +3,7 @@ import json
 import pytest
 
 from gnp.experiments import main
-from gnp.report import claims
+from gnp.report import aggregate, claims, markdown_table
 
 
 def test_experiment_command_writes_json_table_and_plot(tmp_path, capsys):
@@ -24,15 +24,47 @@ def test_experiment_command_writes_json_table_and_plot(tmp_path, capsys):
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_claims_compare_ours_with_tfs_and_nft():
-    row = lambda k, m, err, params, ep: {"chunk": k, "method": m, "data_fraction": k / 2,  # noqa: E731
-                                         "test_error_pct": err, "active_params": params, "epochs": ep}
-    rows = [row(1, "ours", 10, 100, 60), row(1, "tfs", 10, 100, 60), row(1, "nft", 10, 100, 60),
-            row(2, "ours", 10.1, 90, 25), row(2, "tfs", 10.0, 100, 60), row(2, "nft", 9, 120, 60)]
+def _row(k, m, err, params, ep, seed=0):
+    return {"seed": seed, "chunk": k, "method": m, "data_fraction": k / 2, "test_error_pct": err,
+            "active_params": params, "epochs": ep}
+
+
+def test_claims_compare_ours_with_tfs_and_nft_on_seed_means():
+    rows = [_row(1, m, 10, 100, 60) for m in ("ours", "tfs", "nft")]
+    rows += [_row(2, "ours", 10.1, 90, 25), _row(2, "tfs", 10.0, 100, 60), _row(2, "nft", 10.0, 120, 60)]
     (c,) = claims(rows)
-    assert c["saving_vs_tfs"] == pytest.approx(1 - 25 / 60) and c["holds"]
-    rows[3] = row(2, "ours", 10.3, 90, 25)  # 0.3 pp worse than TFS: the claim fails
+    assert c["vs"]["tfs"]["epoch_ratio"] == pytest.approx(25 / 60) and c["holds"]
+    rows[3] = _row(2, "ours", 10.3, 90, 25)  # 0.3 pp worse than both: the claim fails
     assert not claims(rows)[0]["holds"]
+    rows[3] = _row(2, "ours", 10.1, 110, 25)  # more params than TFS
+    assert not claims(rows)[0]["holds"] and not claims(rows)[0]["vs"]["tfs"]["params_ok"]
+    rows[3] = _row(2, "ours", 10.1, 90, 31)  # more than half NFT's epochs
+    assert not claims(rows)[0]["vs"]["nft"]["epochs_ok"]
+
+
+def test_seeds_are_aggregated_as_mean_and_sd():
+    rows = [_row(2, "ours", e, 100, 20, seed=s) for s, e in enumerate((10.0, 12.0, 14.0))]
+    rows += [_row(2, "tfs", 12.5, 200, 60, seed=s) for s in range(3)]
+    cell = aggregate(rows)[(2, "ours")]
+    mean, sd, n = cell["test_error_pct"]
+    assert (mean, n) == (12.0, 3) and sd == pytest.approx(2.0)
+    assert "12.00 ± 2.00" in markdown_table(rows)
+    # The claim uses the seed means: 12.0 <= 12.5 + 0.2 although one seed is 14.0.
+    rows += [_row(1, m, 10, 100, 60) for m in ("ours", "tfs")]
+    (c,) = claims(rows)
+    assert c["vs"]["tfs"]["error_diff_pp"] == pytest.approx(-0.5) and c["holds"]
+
+
+def test_seeds_option_runs_the_protocol_per_seed(tmp_path):
+    out = tmp_path / "seeds"
+    assert main(["--dataset", "digits", "--chunks", "2", "--stop-after", "1", "--methods", "tfs",
+                 "--out", str(out), "--quick", "--device", "cpu", "--no-progress",
+                 "--seeds", "0,1"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["seed"], r["chunk"]) for r in rows] == [(0, 1), (1, 1)]
+    assert rows[0]["test_error_pct"] != rows[1]["test_error_pct"] or \
+        rows[0]["active_params"] != rows[1]["active_params"]  # different splits and inits
+    assert "±" in (out / "results.md").read_text()
 
 
 def test_bad_arguments_are_rejected():
@@ -40,6 +72,10 @@ def test_bad_arguments_are_rejected():
         main(["--methods", "ours,magic", "--out", "x", "--dataset", "digits"])
     with pytest.raises(SystemExit):
         main(["--chunks", "0", "--out", "x", "--dataset", "digits"])
+    with pytest.raises(SystemExit):
+        main(["--seeds", "0,zero", "--out", "x", "--dataset", "digits"])
+    with pytest.raises(SystemExit):  # MNIST is never downloaded: a directory is required
+        main(["--dataset", "mnist", "--out", "x"])
 
 
 def test_report_merges_baselines_only_from_the_same_protocol(tmp_path):
