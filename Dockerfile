@@ -7,6 +7,12 @@
 # The default image carries PyPI's torch==2.14.1, the CUDA build: it runs on the CPU anywhere
 # and on a GPU where the node has one (`docker run --gpus all`, or the k8s `gpu` overlay); the
 # NVIDIA runtime only has to inject the driver. See docs/operations.md.
+#
+# Where no registry serves python:3.11-slim-bookworm, tools/build_image.sh builds it with
+# buildah on a base made from Debian packages (tools/build_base_image.sh, passed as
+# --build-arg PYTHON_IMAGE=...) and installs the wheels from a local wheelhouse
+# (--volume DIR:/wheels/0:ro --build-arg PIP_FIND_LINKS=/wheels/0; PIP_CERT likewise).
+# With buildah use --format docker: the OCI format drops HEALTHCHECK and SHELL.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -17,6 +23,11 @@ FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_VARIANT=cuda
 ARG TORCH_VERSION=2.14.1
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+# Optional local wheel folders (space-separated) that pip reads before PyPI; pip takes the
+# variable from the environment. Empty: everything comes from the indexes.
+ARG PIP_FIND_LINKS=""
+# Optional CA bundle for pip's HTTPS (a proxy with its own CA); empty: pip's default.
+ARG PIP_CERT=""
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -57,8 +68,8 @@ LABEL org.opencontainers.image.title="gnpd" \
 RUN groupadd --system --gid 10001 gnpd \
     && useradd --system --uid 10001 --gid gnpd --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin gnpd \
-    && mkdir -p /var/lib/gnpd/store /var/lib/gnpd/models \
-    && chown -R gnpd:gnpd /var/lib/gnpd
+    && mkdir -p /var/lib/gnpd \
+    && chown gnpd:gnpd /var/lib/gnpd
 
 COPY --from=build /opt/gnpd /opt/gnpd
 
@@ -77,7 +88,9 @@ ENV PATH=/opt/gnpd/bin:$PATH \
     GNPD_SERVE__HOST=0.0.0.0 \
     GNPD_SERVE__PORT=8000
 
-VOLUME ["/var/lib/gnpd/store", "/var/lib/gnpd/models"]
+# One data volume: the chunk store and the checkpoints under it, set explicitly so the image
+# does not depend on the daemon's defaults for where they live inside the data directory.
+VOLUME ["/var/lib/gnpd"]
 WORKDIR /var/lib/gnpd
 USER 10001:10001
 EXPOSE 8000

@@ -3,8 +3,8 @@
 Supports ``resources`` (files and kustomization directories), ``labels`` (``pairs`` added
 to metadata.labels; not to selectors or pod templates), ``images`` (``newName``/``newTag``)
 and ``patches`` with a ``path`` to a strategic-merge patch (maps merge; lists of objects
-with a ``name`` merge by name; other lists are replaced, as Kubernetes does for
-tolerations, args and the like). Anything else in a kustomization.yaml raises ValueError,
+with a ``name`` merge by name, new ones placed first as kustomize does; other lists are
+replaced, as Kubernetes does for tolerations, args and the like). Anything else in a kustomization.yaml raises ValueError,
 so a manifest change that needs real Kustomize cannot pass unnoticed; where ``kubectl``
 exists, tests/deploy/test_k8s.py checks this renderer against ``kubectl kustomize``.
 
@@ -63,14 +63,16 @@ def strategic_merge(base: Any, patch: Any) -> Any:
             merged[key] = strategic_merge(base[key], value) if key in base else copy.deepcopy(value)
         return merged
     if _named_list(base) and _named_list(patch):
+        # Items only in the patch come first, in the patch's order, as kustomize puts them.
         merged = [copy.deepcopy(item) for item in base]
         index = {item["name"]: i for i, item in enumerate(merged)}
+        added = []
         for item in patch:
             if item["name"] in index:
                 merged[index[item["name"]]] = strategic_merge(merged[index[item["name"]]], item)
             else:
-                merged.append(copy.deepcopy(item))
-        return merged
+                added.append(copy.deepcopy(item))
+        return added + merged
     return copy.deepcopy(patch)
 
 

