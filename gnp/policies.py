@@ -211,9 +211,9 @@ def update(method: str, model: nn.Module | None, *, new: Samples, all: Samples,
     growth = _run_phases(t, (m.first if first else m.later)(s), data, s, peak, progress)
     carry = copy.deepcopy(t.model).cpu() if m.dense_carry else None
     pre_prune = t.evaluate(val_d)
-    report = _prune(t, data["all"], val_d, s.prune, peak, "prune", progress)
+    report = _prune(t, data["all"], val_d, s.prune, s.train.lr, "prune", progress)
     cost = meter.finish(len(all))
-    compact = _export(t, data["all"], val_d, s, peak, progress) if s.nonrecoverable else None
+    compact = _export(t, data["all"], val_d, s, progress) if s.nonrecoverable else None
     served = t.model.cpu().eval()
     return UpdateResult(
         served, carry if m.dense_carry else (None if m.fresh else served),
@@ -222,24 +222,24 @@ def update(method: str, model: nn.Module | None, *, new: Samples, all: Samples,
         compact[2] if compact else None, pre_prune, tuple(growth), peak)
 
 
-def _prune(t: Trainer, data: Samples, val: Samples, cfg: PruneConfig, peak: float,
+def _prune(t: Trainer, data: Samples, val: Samples, cfg: PruneConfig, base_lr: float,
            phase: str, progress: Progress | None) -> PruneReport:
     t.meter.phase = phase
     if progress:
         progress(phase, 0, 1)
-    report = iterative_prune(t, data, val, cfg, peak)
+    report = iterative_prune(t, data, val, cfg, base_lr)
     if progress:
         progress(phase, 1, 1)
     return report
 
 
-def _export(t: Trainer, data: Samples, val: Samples, s: Schedule, peak: float,
+def _export(t: Trainer, data: Samples, val: Samples, s: Schedule,
             progress: Progress | None) -> tuple[nn.Module, ParamCount, float]:
     """The non-recoverable export: a copy pruned on, with its own trainer and cost meter."""
     tc = Trainer(copy.deepcopy(t.model), t.device, s.train, CostMeter(str(t.device)), t.task,
                  should_stop=t.should_stop)
     tc.gen = t.gen  # continue the same shuffle stream
-    report = _prune(tc, data, val, s.nonrecoverable, peak, "prune-compact", progress)
+    report = _prune(tc, data, val, s.nonrecoverable, s.train.lr, "prune-compact", progress)
     return tc.model.cpu().eval(), count_parameters(tc.model), report.final_accuracy
 
 

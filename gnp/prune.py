@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -38,7 +39,7 @@ from gnp.masks import Masks
 from gnp.train import Trainer
 
 __all__ = ["PruneConfig", "PruneReport", "select_prune", "keep_connected", "prune_step",
-           "iterative_prune", "recovered"]
+           "iterative_prune", "recovered", "PruneStep"]
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,10 @@ class PruneConfig:
     beta: float = 5.0  # percent of each layer's active weights removed per iteration
     recoverable: bool = True
     tolerance: float = 0.0  # metric (0..1) the pruned model may lose vs the reference
-    noise_z: float = 1.0  # paired-noise allowance, in standard deviations (see above)
+    noise_z: float = 0.5  # paired-noise allowance, in standard deviations (see above)
     retrain_epochs: float = 4.0  # most retraining per iteration, in epochs of the data
     retrain_slice: float = 0.5  # retrain in slices of this fraction of an epoch
-    retrain_lr_factor: float = 0.1  # retraining lr = this x the update's peak lr
+    retrain_lr_factor: float = 0.1  # retraining lr = this x the base training lr
     max_halvings: int = 1  # a failed step is retried with half the step this many times
     max_iterations: int = 300
 
@@ -63,6 +64,18 @@ class PruneReport:
     active_after: int
     stopped_by: str  # "accuracy", "no_progress" or "max_iterations"
     retrain_passes: int = 0  # training sample passes spent retraining
+
+
+@dataclass(frozen=True)
+class PruneStep:
+    """One pruning iteration, for progress and diagnostics."""
+
+    iteration: int
+    beta: float
+    active: int  # active weights after the step (before a rollback)
+    slices: int  # retraining slices it took
+    kept: bool  # recovered (kept) or rolled back
+    metric: float  # validation metric after retraining
 
 
 def select_prune(weight: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -135,41 +148,45 @@ def recovered(ref: torch.Tensor, new: torch.Tensor, weights: torch.Tensor,
 
 
 def _retrain_until_recovered(t: Trainer, train: Samples, val: Samples, ref: torch.Tensor,
-                             cfg: PruneConfig, lr: float) -> bool:
-    """Retrain in slices until the paired check passes or the budget is spent."""
+                             cfg: PruneConfig, lr: float) -> tuple[bool, int, float]:
+    """Retrain in slices until the paired check passes or the budget is spent; returns
+    (recovered, slices taken, validation metric)."""
+    budget = int(round(cfg.retrain_epochs / cfg.retrain_slice))
     s, w = t.scores(val)
-    slices = int(round(cfg.retrain_epochs / cfg.retrain_slice))
-    for _ in range(slices + 1):
+    for taken in range(budget + 1):
         if recovered(ref, s, w, cfg.tolerance, cfg.noise_z):
-            return True
-        if slices == 0:
+            return True, taken, float(s.sum() / w.sum())
+        if taken == budget:
             break
-        slices -= 1
         t.train_epoch(train, fraction=cfg.retrain_slice, lr=lr)
         s, w = t.scores(val)
-    return False
+    return False, budget, float(s.sum() / w.sum())
 
 
 def iterative_prune(t: Trainer, train: Samples, val: Samples, cfg: PruneConfig,
-                    peak_lr: float) -> PruneReport:
+                    base_lr: float, on_step: Callable[[PruneStep], None] | None = None) -> PruneReport:
     """Prune `beta` percent per iteration with retraining, until a step cannot recover.
 
-    The reference is the model as it is now; the retraining rate is
-    `cfg.retrain_lr_factor` x `peak_lr`, the peak of the update's schedule.
+    The reference is the model as it is now; retraining runs at the constant rate
+    `cfg.retrain_lr_factor` x `base_lr` (the training config's lr: the same rate for
+    every method, whatever the peak of its update's schedule).
     """
     masks = t.masks
     ref, weights = t.scores(val)
     reference = float(ref.sum() / weights.sum())
     before, passes0 = masks.count().active, t.meter.sample_passes
     beta, halvings, kept, stopped = cfg.beta, 0, 0, "max_iterations"
-    lr = cfg.retrain_lr_factor * peak_lr
-    for _ in range(cfg.max_iterations):
+    lr = cfg.retrain_lr_factor * base_lr
+    for i in range(1, cfg.max_iterations + 1):
         snap = t.snapshot()
         if prune_step(masks, beta, cfg.recoverable) == 0:
             stopped = "no_progress"
             break
         masks.mask_state(t.opt)
-        if _retrain_until_recovered(t, train, val, ref, cfg, lr):
+        ok, slices, metric = _retrain_until_recovered(t, train, val, ref, cfg, lr)
+        if on_step is not None:
+            on_step(PruneStep(i, beta, masks.count().active, slices, ok, metric))
+        if ok:
             kept += 1
             continue
         t.restore(snap)  # roll back the step that broke it

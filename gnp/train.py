@@ -61,7 +61,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     batch_size: int = 128
-    augment: bool = True  # the task's random distortions on training batches
+    augment: bool = False  # the task's random distortions (off by default: choose per data set)
     resident_bytes: int | None = None  # larger data sets stream to the device per batch
 
 

@@ -70,7 +70,7 @@ def test_iterative_prune_keeps_accuracy_at_reference_and_rolls_back():
     reference = t.evaluate(val)
     before = t.masks.count().active
     report = iterative_prune(t, train, val, PruneConfig(beta=20, retrain_epochs=0.5, noise_z=0.0),
-                             peak_lr=0.05)
+                             base_lr=0.05)
     assert report.reference_accuracy == reference
     assert t.evaluate(val) >= reference  # z = 0: never below the pre-pruning model
     assert report.final_accuracy == t.evaluate(val)

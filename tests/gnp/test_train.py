@@ -91,6 +91,6 @@ def test_a_converged_dense_model_prunes_past_a_few_steps(digits):
     for _ in range(30):
         t.train_epoch(train)
     dense = t.masks.count().active
-    report = iterative_prune(t, train, val, PruneConfig(), peak_lr=0.05)
+    report = iterative_prune(t, train, val, PruneConfig(), base_lr=0.05)
     assert report.iterations >= 15 and report.active_after < 0.5 * dense
     assert report.stopped_by in {"accuracy", "max_iterations"}
