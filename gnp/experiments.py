@@ -55,6 +55,7 @@ class Row:
     prune_iterations: int
     prune_stopped_by: str
     pre_prune_val_accuracy: float
+    pre_prune_test_error_pct: float
     prune_epochs: float  # the pruning phase's retraining, in all-data epochs
     peak_lr: float
     growth_steps: int
@@ -68,7 +69,7 @@ class Row:
 
 
 def _row(seed: int, k: int, chunks: int, method: str, r: UpdateResult, test: Data,
-         device: torch.device, n_all: int) -> Row:
+         device: torch.device, n_all: int, pre_prune_test: float) -> Row:
     g = r.growth
     prune_passes = dict(r.cost.phases).get("prune", 0)
     compact = {}
@@ -79,7 +80,8 @@ def _row(seed: int, k: int, chunks: int, method: str, r: UpdateResult, test: Dat
     return Row(seed, k, k / chunks, method, 100.0 * (1.0 - evaluate(r.model, test, device)),
                r.val_accuracy, r.params.active, r.params.dense, r.cost.epochs,
                r.cost.sample_passes, r.cost.wall_seconds, r.cost.device, r.prune.iterations,
-               r.prune.stopped_by, r.pre_prune_accuracy, prune_passes / n_all, r.peak_lr,
+               r.prune.stopped_by, r.pre_prune_accuracy, 100.0 * (1.0 - pre_prune_test),
+               prune_passes / n_all, r.peak_lr,
                len(g), g[0].density_before if g else None, g[-1].density_after if g else None,
                max(s.density_after for s in g) if g else None, **compact)
 
@@ -126,11 +128,14 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
                 def progress(phase: str, step: int, total: int) -> None:
                     bar.set_description(f"seed {seed} chunk {k}/{len(chunks)} {method} {phase} {step}/{total}")
                 sched = schedule.with_nonrecoverable() if (args.compact and method == "ours") else schedule
+                pre = {}
                 r = update(method, carry[method], new=chunks[k - 1], all=all_data, val=val,
                            schedule=sched, build=build, device=device,
-                           seed=seed * 1000 + k, progress=progress)
+                           seed=seed * 1000 + k, progress=progress,
+                           observe=lambda stage, m: pre.setdefault(stage, evaluate(m, ds.test)))
                 carry[method] = r.carry
-                row = _row(seed, k, len(chunks), method, r, ds.test, device, len(all_data))
+                row = _row(seed, k, len(chunks), method, r, ds.test, device, len(all_data),
+                           pre["pre-prune"])
                 rows.append(row)
                 bar.update(1)
                 log(f"seed {seed} chunk {k} {method}: error {row.test_error_pct:.2f}% "

@@ -180,13 +180,16 @@ def update(method: str, model: nn.Module | None, *, new: Samples, all: Samples,
            build: Callable[[], nn.Module] | None = None,
            device: str | torch.device = "auto", seed: int = 0, task: Task = CLASSIFICATION,
            progress: Progress | None = None,
-           should_stop: Callable[[], bool] | None = None) -> UpdateResult:
+           should_stop: Callable[[], bool] | None = None,
+           observe: Callable[[str, nn.Module], None] | None = None) -> UpdateResult:
     """Run one update of `method` with the new chunk `new` and all stored data `all`.
 
     `model` is the previous update's `carry` (None on the first chunk); fresh
     models come from `build()` or, when omitted, from rebuilding `model.spec`, and
     are initialised from `seed`.
     Only local generators are used (the global RNG is neither read nor reseeded).
+    `observe(stage, model)` is called with the model before pruning ("pre-prune"),
+    e.g. to test it; it must not modify the model.
     Raises Abandoned when `should_stop()` turns true, TrainingDiverged on a
     non-finite loss, ValueError for bad arguments. The input model is never modified.
     """
@@ -211,6 +214,8 @@ def update(method: str, model: nn.Module | None, *, new: Samples, all: Samples,
     growth = _run_phases(t, (m.first if first else m.later)(s), data, s, peak, progress)
     carry = copy.deepcopy(t.model).cpu() if m.dense_carry else None
     pre_prune = t.evaluate(val_d)
+    if observe is not None:
+        observe("pre-prune", t.model)
     report = _prune(t, data["all"], val_d, s.prune, s.train.lr, "prune", progress)
     cost = meter.finish(len(all))
     compact = _export(t, data["all"], val_d, s, progress) if s.nonrecoverable else None

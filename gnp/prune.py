@@ -137,14 +137,18 @@ def prune_step(masks: Masks, beta: float, recoverable: bool) -> int:
 
 
 def recovered(ref: torch.Tensor, new: torch.Tensor, weights: torch.Tensor,
-              tolerance: float = 0.0, z: float = 1.0) -> bool:
+              tolerance: float = 0.0, z: float = 1.0, correction: float = 1.0) -> bool:
     """Paired check that per-sample scores `new` are not worse than `ref` beyond noise.
 
     The metric is sum(scores) / sum(weights); `tolerance` is a metric loss allowed
-    on top of the noise allowance of `z` standard deviations.
+    on top of the noise allowance of `z` standard deviations; `correction` (one unit
+    of score: one sample's correctness) is the continuity correction that keeps a
+    difference of a sample or two among a handful of disagreements from counting as
+    a loss.
     """
     d = (new - ref).double()
-    return float(d.sum()) >= -tolerance * float(weights.sum()) - z * math.sqrt(float((d * d).sum()))
+    allowance = tolerance * float(weights.sum()) + z * math.sqrt(float((d * d).sum())) + correction
+    return float(d.sum()) >= -allowance
 
 
 def _retrain_until_recovered(t: Trainer, train: Samples, val: Samples, ref: torch.Tensor,

@@ -119,7 +119,8 @@ def _diagnostics_table(rows: list[dict]) -> str:
     """Pre-pruning accuracy, growth densities and pruning stop reasons, per chunk and method."""
     chunks, methods = _order(rows)
     agg = aggregate(rows)
-    head = ["data", "method", "val acc before pruning", "val acc served", "density before growth",
+    head = ["data", "method", "test err % before pruning", "val acc before pruning", "val acc served",
+            "density before growth",
             "density after last growth", "max density", "prune iterations", "prune epochs",
             "pruning stopped by", "peak lr"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -130,7 +131,8 @@ def _diagnostics_table(rows: list[dict]) -> str:
                 continue
             stops = ", ".join(f"{s} x{c['stopped_by'].count(s)}" for s in dict.fromkeys(c["stopped_by"]))
             lines.append("| " + " | ".join([
-                f"{c['data_fraction']:.0%}", m, _fmt(c, "pre_prune_val_accuracy", ".4f"),
+                f"{c['data_fraction']:.0%}", m, _fmt(c, "pre_prune_test_error_pct", ".2f"),
+                _fmt(c, "pre_prune_val_accuracy", ".4f"),
                 _fmt(c, "val_accuracy", ".4f"), _fmt(c, "density_before_growth", ".3f"),
                 _fmt(c, "density_after_growth", ".3f"), _fmt(c, "max_density", ".3f"),
                 _fmt(c, "prune_iterations", ".1f"), _fmt(c, "prune_epochs", ".1f"), stops,
@@ -215,7 +217,8 @@ def write_report(out: Path, rows: list[Any] | None = None, note: str = "") -> No
                f"ours' test error <= each baseline's + {ERROR_MARGIN_PP} pp, active parameters <= "
                f"each baseline's, epochs <= {MAX_EPOCH_RATIO} x each baseline's (✗ marks a miss).",
                "", _claims_table(cs), "", f"Holds at {held} of {len(cs)} chunks.", ""]
-    md += ["## Diagnostics", "", "Validation accuracy before pruning and of the served model; "
+    md += ["## Diagnostics", "", "Test error and validation accuracy before pruning, validation "
+           "accuracy of the served model; "
            "density of the masked layers before the first and after the last growth step of the "
            "update, and the densest it got; pruning iterations kept, the pruning phase's "
            "retraining in all-data epochs, and why pruning stopped.", "",
