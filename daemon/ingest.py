@@ -17,6 +17,11 @@ Delivery guarantees:
 * On any error (broker outage, failed dead-letter send, disk full) the ingestor
   drops its non-durable buffer, reconnects with exponential backoff and reads
   again from the last seal -- nothing is stored twice, nothing is skipped.
+* A seal that fails because a sample cannot be encoded (a value validation let
+  through) never blocks ingestion: the store names the offending samples by
+  bisection, the ingestor rewinds to the last seal and, reading them again,
+  dead-letters them as ``unstorable``. Only a failure no single sample explains
+  (e.g. the disk) is retried as an error.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from kafka.structs import OffsetAndMetadata
 from daemon.messages import Rejection, Sample, parse_message
 from daemon.metrics import Metrics
 from daemon.settings import KafkaSettings, Settings
-from daemon.store import ChunkInfo, ChunkStore
+from daemon.store import ChunkInfo, ChunkStore, UnstorableError
 
 __all__ = ["DeadLetterError", "IngestStats", "Ingestor"]
 
@@ -111,6 +116,7 @@ class Ingestor:
         self._producer: KafkaProducer | None = None
         self._assigned: list[TopicPartition] = []
         self._pending_dlq: list = []  # futures of dead-letter sends not yet flushed
+        self._poison: dict[tuple[int, int], str] = {}  # (partition, offset) -> why unstorable
         self._counts = dict.fromkeys(IngestStats.__dataclass_fields__, 0)
         self._admin: KafkaAdminClient | None = None
         self._next_lag = self._next_topic_check = 0.0
@@ -195,8 +201,12 @@ class Ingestor:
             self._refresh_topic()
         wait = self.kafka.poll_timeout_ms if timeout_ms is None else timeout_ms
         batches = self._consumer.poll(timeout_ms=wait)
-        handled = sum(self._handle_partition(tp.partition, records)
-                      for tp, records in batches.items())
+        try:
+            handled = sum(self._handle_partition(tp.partition, records)
+                          for tp, records in batches.items())
+        except UnstorableError as exc:
+            self._set_aside(exc)
+            return 0
         self._check_positions()
         if self._clock() >= self._next_lag:
             self._next_lag = self._clock() + self.lag_interval
@@ -275,8 +285,13 @@ class Ingestor:
                 self._counts["duplicates"] += 1
                 continue
             self._counts["consumed"] += 1
-            result = parse_message(rec.value, partition, rec.offset, self.input_shape,
-                                   self.num_classes, self.kafka.max_message_bytes)
+            poison = self._poison.get((partition, rec.offset))
+            if poison is not None:
+                result: Sample | Rejection = Rejection(
+                    "unstorable", poison, partition, rec.offset, bytes(rec.value or b""))
+            else:
+                result = parse_message(rec.value, partition, rec.offset, self.input_shape,
+                                       self.num_classes, self.kafka.max_message_bytes)
             if isinstance(result, Sample):
                 run.append(result)
             else:
@@ -291,7 +306,14 @@ class Ingestor:
             return
         if len(run) >= self.store.chunk_size - self.store.buffered:
             self._flush_dead_letters()  # the seal below covers their offsets
-        sealed = self.store.append(run)
+        before = len(self.store.chunks())
+        try:
+            sealed = self.store.append(run)
+        except UnstorableError:
+            done = self.store.chunks()[before:]  # sealed by this call before the failure
+            if done:
+                self._after_seal(done)
+            raise
         self._counts["stored"] += len(run)
         self.metrics.ingest_samples.inc(len(run))
         if sealed:
@@ -329,6 +351,8 @@ class Ingestor:
 
     def _after_seal(self, sealed: list[ChunkInfo]) -> None:
         self._counts["sealed"] += len(sealed)
+        durable = self.store.next_offsets()
+        self._poison = {k: v for k, v in self._poison.items() if k[1] >= durable.get(k[0], 0)}
         self.metrics.store_chunks.set(len(self.store.chunks()))
         log.info("sealed chunk(s) %s (%d rows)", [c.id for c in sealed],
                  sum(c.rows for c in sealed))
@@ -380,6 +404,34 @@ class Ingestor:
             end = max(ends.get(tp) or 0, self._consumer.highwater(tp) or 0)
             lag = max(0, end - positions.get(tp.partition, 0))
             self.metrics.ingest_lag.labels(partition=str(tp.partition)).set(lag)
+
+    def _set_aside(self, exc: UnstorableError) -> None:
+        """Remember the samples a seal could not encode; read again from the last seal.
+
+        Read again, they are dead-lettered as ``unstorable`` with their original bytes.
+        A failure no single sample explains is not the data's: it is raised (retried).
+        """
+        if not exc.bad:
+            raise exc
+        for sample, why in exc.bad:
+            log.error("partition %d offset %d (id %r) cannot be stored (%s): dead-lettering it",
+                      sample.partition, sample.offset, sample.id, why)
+            detail = f"the store cannot encode it: {why}"[:200]
+            self._poison[(sample.partition, sample.offset)] = detail
+        self._rewind()
+
+    def _rewind(self) -> None:
+        """Drop the open buffer and seek every partition back to the last seal."""
+        assert self._consumer is not None
+        dropped = self.store.discard_buffer()
+        durable = self.store.next_offsets()
+        for tp in self._assigned:
+            if tp.partition in durable:
+                self._consumer.seek(tp, durable[tp.partition])
+            else:
+                self._consumer.seek_to_beginning(tp)
+        log.warning("dropped %d buffered samples; reading again from the last seal %s",
+                    dropped, durable)
 
     def _recover(self) -> None:
         """Back to the last durable state: drop the buffer, reconnect on the next poll."""

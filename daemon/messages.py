@@ -146,9 +146,16 @@ def _check_label(label: Any, num_classes: int) -> int:
 
 
 def _check_id(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise _Reject("bad_type", f"id must be a string, got {_json_type(value)}")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Reject("bad_type", f"id must be a string, got {_json_type(value)}")
+    try:  # JSON allows "\ud800" (a lone UTF-16 surrogate); UTF-8, hence Arrow, does not
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Reject("unstorable", f"id is not valid Unicode: lone surrogate "
+                                    f"U+{ord(value[e.start]):04X} at index {e.start}") from None
+    return value
 
 
 def _check_timestamp(value: Any) -> int | float | None:

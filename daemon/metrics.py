@@ -12,7 +12,7 @@ __all__ = ["Metrics", "REJECT_REASONS", "UPDATE_OUTCOMES"]
 
 REJECT_REASONS = (
     "invalid_json", "not_object", "missing_field", "bad_shape",
-    "non_finite", "bad_label", "too_large", "bad_type",
+    "non_finite", "bad_label", "too_large", "bad_type", "unstorable",
 )
 UPDATE_OUTCOMES = ("success", "failed", "abandoned")
 

@@ -40,6 +40,7 @@ BAD = {  # reason -> a message that must be rejected for it
     "too_large": b'{"id": "bad/large", "features": [0.1, 0.2, 0.3, 0.4], "label": 1, "pad": "'
                  + b"x" * 3000 + b'"}',
     "bad_type": b'{"id": "bad/type", "features": [0.1, 0.2, 0.3, 0.4], "label": true}',
+    "unstorable": b'{"id": "\\udfff", "features": [0.1, 0.2, 0.3, 0.4], "label": 1}',
 }
 
 
@@ -106,7 +107,7 @@ def test_good_stored_bad_dead_lettered(kafka_bootstrap: str, make_topic, tmp_pat
     topic = make_topic(partitions=2)
     values, good_ids = [], []
     bad = list(BAD.items())
-    for i in range(20):  # 20 good (4 chunks) with the 8 bad kinds interleaved on both partitions
+    for i in range(20):  # 20 good (4 chunks) with the 9 bad kinds interleaved on both partitions
         values.append((i % 2, good(i)))
         good_ids.append(f"good/{i}")
         if i < len(bad):
@@ -126,7 +127,7 @@ def test_good_stored_bad_dead_lettered(kafka_bootstrap: str, make_topic, tmp_pat
     assert sorted(stored_ids(store)) == sorted(good_ids)
     assert [c.id for c in sealed] == [1, 2, 3, 4] and store.buffered == 0
     assert ing.stats.stored == 20 and ing.stats.rejected == len(BAD)
-    assert store.next_offsets() == {0: 14, 1: 14}  # every consumed record, bad ones included
+    assert store.next_offsets() == {0: 14, 1: 15}  # every consumed record, bad ones included
 
     dead = read_all(kafka_bootstrap, kafka.effective_dlq_topic, len(BAD))
     by_reason = {dict(r.headers)["reason"].decode(): r for r in dead}
@@ -135,7 +136,7 @@ def test_good_stored_bad_dead_lettered(kafka_bootstrap: str, make_topic, tmp_pat
         headers = dict(record.headers)
         assert headers["detail"] and headers["source_topic"] == topic.encode()
         src = (int(headers["source_partition"]), int(headers["source_offset"]))
-        assert src in {(p, o) for p in (0, 1) for o in range(14)}
+        assert src in {(p, o) for p in (0, 1) for o in range(15)}
         if reason == "too_large":
             assert record.value == BAD[reason][:2000] and int(headers["truncated"]) > 2000
         else:
@@ -148,7 +149,7 @@ def test_good_stored_bad_dead_lettered(kafka_bootstrap: str, make_topic, tmp_pat
     assert value("gnp_store_chunks") == 4
     for p in ("0", "1"):
         assert value("gnp_ingest_lag_messages", {"partition": p}) == 0
-    assert committed(kafka_bootstrap, kafka.group_id, topic, 2) == {0: 14, 1: 14}
+    assert committed(kafka_bootstrap, kafka.group_id, topic, 2) == {0: 14, 1: 15}
 
 
 def test_commit_only_after_seal_and_restart_resumes(kafka_bootstrap: str, make_topic,
@@ -406,3 +407,66 @@ def _bad_coordinates(bootstrap: str, topic: str, total: int) -> set[tuple[int, i
     records = read_all(bootstrap, topic, total)
     assert len(records) == total
     return {(r.partition, r.offset) for r in records if r.value == BAD["bad_label"]}
+
+
+# ---- issue 8, item 1: a value that cannot be stored ------------------------------------------
+
+SURROGATE = b'{"id": "\\ud800", "features": [0.1, 0.2, 0.3, 0.4], "label": 1}'  # valid JSON
+
+
+def _dead_letters(bootstrap: str, kafka: KafkaSettings, n: int) -> list:
+    return read_all(bootstrap, kafka.effective_dlq_topic, n)
+
+
+def test_lone_surrogate_id_is_dead_lettered_and_ingestion_goes_on(
+        kafka_bootstrap: str, make_topic, tmp_path: Path) -> None:
+    """Before: the id passed validation, every seal failed to encode it, forever."""
+    topic = make_topic(partitions=1)
+    send(kafka_bootstrap, topic,
+         [(0, good(0)), (0, SURROGATE)] + [(0, good(i)) for i in range(1, 2 * CHUNK)])
+    metrics = Metrics()
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    kafka = settings(kafka_bootstrap, topic)
+    ing = ingestor(kafka, store, metrics=metrics)
+    try:
+        drain(ing, lambda: len(store.chunks()) == 2, timeout=20)
+    finally:
+        ing.stop()
+    assert stored_ids(store) == [f"good/{i}" for i in range(2 * CHUNK)]
+    assert store.next_offsets() == {0: 2 * CHUNK + 1}
+    (dead,) = _dead_letters(kafka_bootstrap, kafka, 1)
+    headers = dict(dead.headers)
+    assert dead.value == SURROGATE and headers["reason"] == b"unstorable"
+    assert b"surrogate" in headers["detail"] and headers["source_offset"] == b"1"
+    assert metrics.registry.get_sample_value("gnp_ingest_rejected_total",
+                                             {"reason": "unstorable"}) == 1
+
+
+def test_a_seal_that_fails_dead_letters_the_record_and_goes_on(
+        kafka_bootstrap: str, make_topic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safety net behind validation: a sample the store cannot encode is found by
+    bisecting the chunk, dead-lettered with its original bytes, and ingestion goes on."""
+    import daemon.messages
+
+    monkeypatch.setattr(daemon.messages, "_check_id", lambda value: value)  # a validation gap
+    topic = make_topic(partitions=2)
+    values = [(i % 2, good(i)) for i in range(3 * CHUNK)]
+    values.insert(7, (1, SURROGATE))
+    values.insert(2, (0, SURROGATE))
+    send(kafka_bootstrap, topic, values)
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    kafka = settings(kafka_bootstrap, topic)
+    ing = ingestor(kafka, store)
+    try:
+        drain(ing, lambda: len(store.chunks()) == 3, timeout=30)
+    finally:
+        ing.stop()
+    assert sorted(stored_ids(store)) == sorted(f"good/{i}" for i in range(3 * CHUNK))
+    dead = _dead_letters(kafka_bootstrap, kafka, 2)
+    assert sorted((int(dict(r.headers)["source_partition"]), r.value) for r in dead) == \
+        [(0, SURROGATE), (1, SURROGATE)]
+    for record in dead:
+        headers = dict(record.headers)
+        assert headers["reason"] == b"unstorable"
+        assert headers["detail"].startswith(b"the store cannot encode it: UnicodeEncodeError")
+    assert ing.stats.errors == 0  # handled in place: no reconnect, no backoff

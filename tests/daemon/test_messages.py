@@ -124,6 +124,19 @@ def test_bad_type(fields) -> None:
     assert reason(msg(**fields)) == "bad_type"
 
 
+@pytest.mark.parametrize("text", [r"\ud800", r"a\udfffb", r"\udc00\ud800"])
+def test_id_that_utf8_cannot_encode_is_unstorable(text: str) -> None:
+    """JSON allows lone UTF-16 surrogates; the store (Arrow, UTF-8) cannot hold them."""
+    r = parse('{"id": "' + text + '", "features": [0.5, 0.5, 0.5, 0.5, 0.5, 0.5], "label": 1}')
+    assert isinstance(r, Rejection) and r.reason == "unstorable", r
+    assert "surrogate" in r.detail
+
+
+def test_valid_unicode_ids_are_kept() -> None:
+    s = parse(msg(id="caf\u00e9/\U0001f600/\u0000"))
+    assert isinstance(s, Sample) and s.id == "caf\u00e9/\U0001f600/\u0000"
+
+
 def test_word_true_in_id_does_not_reject() -> None:
     assert isinstance(parse(msg(id="true-false")), Sample)
 
@@ -131,7 +144,8 @@ def test_word_true_in_id_does_not_reject() -> None:
 def test_every_reason_is_covered() -> None:
     seen = {reason(b"{"), reason(b"[]"), reason(b"{}"), reason(msg(features=[1])),
             reason(msg(features=[0, 0, 0, 0, 0, float("nan")])), reason(msg(label=9)),
-            reason(b"x" * 20_000), reason(msg(label="x"))}
+            reason(b"x" * 20_000), reason(msg(label="x")),
+            reason('{"id": "\\ud800", "features": [0, 0, 0, 0, 0, 0], "label": 1}')}
     assert seen == set(REJECT_REASONS)
 
 
