@@ -26,7 +26,8 @@ try:  # optional: about 2x faster than json on 784-feature messages
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None
 
-__all__ = ["JSON_DECODER", "Rejection", "Sample", "numeric_array", "parse_message"]
+__all__ = ["JSON_DECODER", "Rejection", "Sample", "matches_input_shape", "numeric_array",
+           "parse_message", "shape_rule"]
 
 JSON_DECODER = "orjson" if _orjson is not None else "json"
 
@@ -84,8 +85,9 @@ def parse_message(
     Args:
         raw: the record value (``None`` for a tombstone, rejected as invalid_json).
         partition, offset: where the record was read; copied into the result.
-        input_shape: the model's input shape; ``features`` must be a flat list of
-            prod(input_shape) numbers or nested lists of exactly that shape.
+        input_shape: the model's input shape; ``features`` must match it as
+            :func:`matches_input_shape` says (flat, or nested as the shape with any
+            size-1 dimensions added or left out).
         num_classes: labels must be integers in ``0 .. num_classes - 1``.
         max_bytes: larger messages are rejected as too_large before parsing.
     """
@@ -196,15 +198,35 @@ def numeric_array(value: Any, maybe_bools: bool = True) -> np.ndarray:
     return arr
 
 
+def matches_input_shape(shape: Sequence[int], input_shape: Sequence[int]) -> bool:
+    """True if an array of ``shape`` holds exactly one sample of ``input_shape``.
+
+    Size-1 dimensions do not count, on either side: for input shape [1, 28, 28] a
+    flat list of 784 numbers, a 28x28 nested list, [1, 28, 28] and [28, 1, 28] all
+    match; [784, 1] and [[784 numbers]] too (flat once size-1 dimensions are dropped).
+    Ingestion and ``/v1/predict`` share this rule.
+    """
+    if math.prod(shape) != math.prod(input_shape):
+        return False
+    squeezed = tuple(d for d in shape if d != 1)
+    return squeezed == tuple(d for d in input_shape if d != 1) or len(squeezed) <= 1
+
+
+def shape_rule(input_shape: Sequence[int]) -> str:
+    """The rule of :func:`matches_input_shape` in words, for error messages."""
+    core = [d for d in input_shape if d != 1]
+    return (f"{list(input_shape)} (size-1 dimensions optional, e.g. {core or [1]}) or flat "
+            f"with {math.prod(input_shape)} values")
+
+
 def _check_features(value: Any, shape: tuple[int, ...], maybe_bools: bool) -> np.ndarray:
     try:
         arr = numeric_array(value, maybe_bools)
     except _Reject as e:
         raise _Reject(e.reason, f"features {e.detail}") from None
-    size = math.prod(shape)
-    if arr.shape != (size,) and arr.shape != shape:
+    if not matches_input_shape(arr.shape, shape):
         raise _Reject("bad_shape", f"features have shape {list(arr.shape)}, expected "
-                                   f"[{size}] or {list(shape)}")
+                                   f"{shape_rule(shape)}")
     with np.errstate(over="ignore", invalid="ignore"):
         flat = arr.reshape(-1).astype(np.float32)
     finite = np.isfinite(flat)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import socket
 import threading
 import time
@@ -31,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from daemon.messages import may_hold_bools, numeric_array
+from daemon.messages import matches_input_shape, may_hold_bools, numeric_array, shape_rule
 from daemon.metrics import Metrics
 from daemon.registry import ModelVersion, NoModelError, ServedModel
 
@@ -48,7 +47,8 @@ class PredictRequest(BaseModel):
 
     instances: list[Any] = Field(
         description="Instances to classify; each is a flat list of numbers or a nested list "
-                    "of the model's input shape (pixels scaled to 0..1).")
+                    "of the model's input shape, size-1 dimensions optional (a 28x28 list "
+                    "for [1, 28, 28]); pixels scaled to 0..1.")
 
 
 _PREDICT_OPENAPI = {"requestBody": {"required": True, "content": {
@@ -77,13 +77,10 @@ def _parse(body: bytes, input_shape: tuple[int, ...], limit: int) -> np.ndarray:
             arr = numeric_array(instances, may_hold_bools(body)).astype(np.float32)
     except ValueError as e:
         raise _BadRequest(f"instances must be lists of numbers, all of the same shape "
-                          f"{list(input_shape)} or flat with {math.prod(input_shape)} values "
-                          f"({e})") from None
-    size = math.prod(input_shape)
-    if arr.ndim < 2 or math.prod(arr.shape[1:]) != size or (
-            arr.ndim > 2 and tuple(arr.shape[1:]) != input_shape):
-        raise _BadRequest(f"each instance must have shape {list(input_shape)} or be flat with "
-                          f"{size} values; got instances of shape {list(arr.shape[1:])}")
+                          f"{shape_rule(input_shape)} ({e})") from None
+    if arr.ndim < 2 or not matches_input_shape(arr.shape[1:], input_shape):
+        raise _BadRequest(f"each instance must have shape {shape_rule(input_shape)}; "
+                          f"got instances of shape {list(arr.shape[1:])}")
     if not np.isfinite(arr).all():
         raise _BadRequest("instances contain non-finite values (NaN or infinity)")
     return arr.reshape(arr.shape[0], *input_shape)

@@ -222,3 +222,27 @@ def test_in_process_predictions_during_swaps_are_consistent():
     for t in threads:
         t.join()
     assert bad == [] and count[0] > 200
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (1, 1, 8, 8), (8, 1, 8), (1, 64), (64, 1)])
+def test_predict_accepts_the_input_shape_without_size_1_dims(server, shape):
+    """Issue 8, item 12: an 8x8 list for input shape [1, 8, 8] was refused (400)."""
+    _, served, _, _, client = server
+    torch.manual_seed(0)
+    served.publish(gnp.build_model("lenet-300-100", SHAPE, 10), _version(1))
+    x = np.random.default_rng(1).random((3, 64), dtype=np.float32)
+    flat = client.post("/v1/predict", json={"instances": x.tolist()})
+    r = client.post("/v1/predict", json={"instances": x.reshape(3, *shape).tolist()})
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"] == flat.json()["predictions"]
+    np.testing.assert_allclose(r.json()["probabilities"], flat.json()["probabilities"])
+
+
+def test_predict_shape_error_states_the_rule(server):
+    _, served, _, _, client = server
+    served.publish(gnp.build_model("lenet-300-100", SHAPE, 10), _version(1))
+    r = client.post("/v1/predict", json={"instances": [[[0.5] * 4] * 16]})
+    assert r.status_code == 400
+    assert r.json()["detail"] == ("each instance must have shape [1, 8, 8] (size-1 dimensions "
+                                  "optional, e.g. [8, 8]) or flat with 64 values; got instances "
+                                  "of shape [16, 4]")
