@@ -26,8 +26,8 @@ try:  # optional: about 2x faster than json on 784-feature messages
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None
 
-__all__ = ["JSON_DECODER", "Rejection", "Sample", "matches_input_shape", "numeric_array",
-           "parse_message", "shape_rule"]
+__all__ = ["JSON_DECODER", "Rejection", "Sample", "load_json", "matches_input_shape",
+           "numeric_array", "parse_message", "shape_rule"]
 
 JSON_DECODER = "orjson" if _orjson is not None else "json"
 
@@ -105,7 +105,7 @@ def _parse(raw: bytes, partition: int, offset: int, shape: tuple[int, ...],
            num_classes: int, max_bytes: int) -> Sample:
     if len(raw) > max_bytes:
         raise _Reject("too_large", f"{len(raw)} bytes > max_message_bytes {max_bytes}")
-    obj = _load_json(raw)
+    obj = load_json(raw)
     if not isinstance(obj, dict):
         raise _Reject("not_object", f"top-level JSON value is a {_json_type(obj)}, not an object")
     missing = [k for k in ("features", "label") if k not in obj]
@@ -118,7 +118,15 @@ def _parse(raw: bytes, partition: int, offset: int, shape: tuple[int, ...],
     return Sample(features, label, partition, offset, sample_id, timestamp)
 
 
-def _load_json(raw: bytes) -> Any:
+def load_json(raw: bytes | bytearray) -> Any:
+    """Parse JSON text without ever recursing past a fixed depth.
+
+    orjson stops at 1024 nested levels, json at the interpreter's recursion limit
+    (about 1000): either way deep nesting (``[[[[...``) is an error, never a crash.
+
+    Raises:
+        ValueError: ``.reason`` is invalid_json; the message says what is wrong.
+    """
     if not raw:
         raise _Reject("invalid_json", "empty message")
     if _orjson is not None:
@@ -128,7 +136,9 @@ def _load_json(raw: bytes) -> Any:
             pass  # NaN, UTF-16, huge ints...: let json decide, so results never differ
     try:
         return json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+    except RecursionError:
+        raise _Reject("invalid_json", "nested too deeply (over 1000 levels)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise _Reject("invalid_json", f"{type(exc).__name__}: {exc}") from None
 
 

@@ -115,6 +115,14 @@ class ServeSettings(_Section):
 
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any free port)")
+    max_body_bytes: int = Field(
+        16 * 2**20, gt=0,
+        description="largest POST /v1/predict body; larger ones get 413 without being read "
+                    "(Content-Length checked up front, chunked bodies while streaming)")
+    predict_workers: int = Field(
+        2, ge=1, le=64,
+        description="threads that parse and run predict requests; at most twice as many "
+                    "requests hold a body in memory, the others wait (health checks never do)")
 
 
 class TrainSettings(_Section):
