@@ -218,8 +218,9 @@ class Ingestor:
         if self._consumer is not None:
             return
         k = self.kafka
-        # Bounded waits, so that stop() is prompt and an outage is retried by run().
-        common = {"bootstrap_servers": k.bootstrap_servers, "bootstrap_timeout_ms": 5_000,
+        # Bounded waits, so that stop() is prompt and an outage is retried by run();
+        # address and security (TLS, SASL) from one place for all three clients.
+        common = {**k.client_kwargs(), "bootstrap_timeout_ms": 5_000,
                   "reconnect_backoff_max_ms": 5_000}
         self._admin = KafkaAdminClient(client_id="gnpd-admin", **common)
         self._consumer = KafkaConsumer(

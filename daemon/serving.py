@@ -8,6 +8,10 @@ Endpoints (see :func:`create_app`)::
     GET  /readyz      200 once a model is served, else 503
     GET  /metrics     Prometheus text format
 
+With ``GNPD_SERVE__API_TOKEN`` set, ``/v1/*`` need ``Authorization: Bearer <token>``
+(:mod:`daemon.auth`); the probes and ``/metrics`` stay open, and the generated API
+docs (``/docs``, ``/openapi.json``) are switched off.
+
 Load cannot take the process down or starve the probes: a predict body over
 ``max_body_bytes`` is refused (413) from its Content-Length or while it streams in,
 never read whole; JSON nesting is bounded (400); parsing and inference run on a
@@ -31,12 +35,13 @@ from typing import Any
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
+from daemon.auth import Dependency, require_token
 from daemon.messages import (load_json, matches_input_shape, may_hold_bools, numeric_array,
                              shape_rule)
 from daemon.metrics import Metrics
@@ -139,12 +144,17 @@ def create_app(served: ServedModel, metrics: Metrics,
         metrics: records predict requests and latency; ``/metrics`` exports its registry.
         history: returns every saved version (for ``/v1/model``).
         max_instances: most instances per predict request.
-        serve: body limit and predict threads (defaults: ``ServeSettings()``).
+        serve: API token, body limit and predict threads (defaults: ``ServeSettings()``).
+
+    ``app.state.require_token`` is the token dependency, for endpoints added later.
     """
     serve = serve if serve is not None else ServeSettings()
-    app = FastAPI(title="gnpd", summary="Continual-learning model server (grow and prune)")
-    _add_predict(app, served, metrics, max_instances, serve)
-    _add_status(app, served, metrics, history)
+    closed = serve.api_token is not None
+    app = FastAPI(title="gnpd", summary="Continual-learning model server (grow and prune)",
+                  **({"docs_url": None, "redoc_url": None, "openapi_url": None} if closed else {}))
+    app.state.require_token = auth = require_token(serve.api_token)
+    _add_predict(app, served, metrics, max_instances, serve, auth)
+    _add_status(app, served, metrics, history, auth)
     return app
 
 
@@ -163,13 +173,13 @@ def _answer(served: ServedModel, body: bytes | bytearray,
 
 
 def _add_predict(app: FastAPI, served: ServedModel, metrics: Metrics, limit: int,
-                 serve: ServeSettings) -> None:
+                 serve: ServeSettings, auth: Dependency) -> None:
     # Its own bounded executor: predict load cannot take the threads other endpoints use.
     pool = ThreadPoolExecutor(serve.predict_workers, thread_name_prefix="gnpd-predict")
     slots = asyncio.Semaphore(2 * serve.predict_workers)  # bodies held in memory at once
     app.state.predict_pool = pool
 
-    @app.post("/v1/predict", openapi_extra=_PREDICT_OPENAPI)
+    @app.post("/v1/predict", openapi_extra=_PREDICT_OPENAPI, dependencies=[Depends(auth)])
     async def predict(request: Request) -> JSONResponse:
         """Classify instances; every answer comes from the one model version it names."""
         start = time.perf_counter()
@@ -190,8 +200,8 @@ def _add_predict(app: FastAPI, served: ServedModel, metrics: Metrics, limit: int
 
 
 def _add_status(app: FastAPI, served: ServedModel, metrics: Metrics,
-                history: Callable[[], list[ModelVersion]]) -> None:
-    @app.get("/v1/model")
+                history: Callable[[], list[ModelVersion]], auth: Dependency) -> None:
+    @app.get("/v1/model", dependencies=[Depends(auth)])
     def model_info() -> JSONResponse:
         """The served version, its accuracy, size and cost, and the update history."""
         v = served.version
