@@ -37,6 +37,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
+from daemon.deadletter import DeadLetterError, DeadLetterWriter
 from daemon.messages import Rejection, Sample, parse_message
 from daemon.metrics import Metrics
 from daemon.settings import KafkaSettings, Settings
@@ -63,10 +64,6 @@ def _fast_crc() -> bool:
 # check only when it is cheap -- librdkafka does not check by default either; TCP
 # checksums the transfer and the broker checked the CRC when the record was produced.
 _FAST_CRC = _fast_crc()
-
-
-class DeadLetterError(RuntimeError):
-    """A rejected message could not be written to the dead-letter topic."""
 
 
 @dataclass(frozen=True)
@@ -114,8 +111,8 @@ class Ingestor:
         self.max_backoff, self._clock = max_backoff, clock
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
+        self._dlq: DeadLetterWriter | None = None
         self._assigned: list[TopicPartition] = []
-        self._pending_dlq: list = []  # futures of dead-letter sends not yet flushed
         self._poison: dict[tuple[int, int], str] = {}  # (partition, offset) -> why unstorable
         self._counts = dict.fromkeys(IngestStats.__dataclass_fields__, 0)
         self._admin: KafkaAdminClient | None = None
@@ -184,7 +181,7 @@ class Ingestor:
     def close(self) -> None:
         """Flush dead-letter sends and close the Kafka clients (reconnects on next poll)."""
         producer, consumer, admin = self._producer, self._consumer, self._admin
-        self._consumer, self._producer, self._admin = None, None, None
+        self._consumer, self._producer, self._admin, self._dlq = None, None, None, None
         self._assigned = []
         _close_quietly(producer, timeout=5)
         _close_quietly(consumer, autocommit=False)
@@ -231,6 +228,8 @@ class Ingestor:
         self._producer = KafkaProducer(
             client_id="gnpd-dlq", acks="all", linger_ms=5, max_block_ms=10_000,
             max_request_size=k.max_message_bytes + _HEADER_OVERHEAD, **common)
+        self._dlq = DeadLetterWriter(self._producer, k.effective_dlq_topic, k.topic,
+                                     k.max_message_bytes)
         existing = self._consumer.topics()
         for name, partitions in ((k.topic, k.topic_partitions), (k.effective_dlq_topic, 1)):
             if name not in existing:
@@ -323,32 +322,14 @@ class Ingestor:
     def _dead_letter(self, rej: Rejection) -> None:
         if not self.store.skip(rej.partition, rej.offset):
             return
-        assert self._producer is not None
-        limit = self.kafka.max_message_bytes
-        headers = [
-            ("reason", rej.reason.encode()), ("detail", rej.detail.encode("utf-8", "replace")),
-            ("source_topic", self.kafka.topic.encode()),
-            ("source_partition", str(rej.partition).encode()),
-            ("source_offset", str(rej.offset).encode()),
-        ]
-        if len(rej.raw) > limit:  # keep the record within what any broker accepts
-            headers.append(("truncated", str(len(rej.raw)).encode()))
-        future = self._producer.send(self.kafka.effective_dlq_topic, value=rej.raw[:limit],
-                                     headers=headers)
-        self._pending_dlq.append(future)
+        assert self._dlq is not None
+        self._dlq.send(rej)
         self._counts["rejected"] += 1
         self.metrics.ingest_rejected.labels(reason=rej.reason).inc()
 
     def _flush_dead_letters(self) -> None:
-        if not self._pending_dlq:
-            return
-        assert self._producer is not None
-        self._producer.flush(timeout=30)
-        failed = [f for f in self._pending_dlq if f.failed()]
-        self._pending_dlq = []
-        if failed:
-            raise DeadLetterError(
-                f"{len(failed)} dead-letter send(s) failed") from failed[0].exception
+        if self._dlq is not None:
+            self._dlq.flush(timeout=30)
 
     def _after_seal(self, sealed: list[ChunkInfo]) -> None:
         self._counts["sealed"] += len(sealed)
@@ -440,7 +421,8 @@ class Ingestor:
         dropped = self.store.discard_buffer()
         if dropped:
             log.warning("dropped %d buffered samples; they will be read again", dropped)
-        self._pending_dlq = []
+        if self._dlq is not None:
+            self._dlq.discard()
         self.close()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,6 +35,7 @@ __all__ = [
 ENV_PREFIX = "GNPD_"
 _NESTED = "__"
 _MIN_TOKEN = 16
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
 class _Section(BaseModel):
@@ -71,6 +73,23 @@ class KafkaSettings(_Section):
     ssl_certfile: Path | None = Field(
         None, description="PEM client certificate for mutual TLS (may hold the key too)")
     ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile")
+
+    @field_validator("topic", "dlq_topic")
+    @classmethod
+    def _legal_topic(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_topic_name(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_topics(self) -> KafkaSettings:
+        dlq = self.effective_dlq_topic
+        if dlq == self.topic:
+            raise ValueError(f"GNPD_KAFKA__DLQ_TOPIC is the input topic {dlq!r}: rejected "
+                             f"messages would be read again forever; use e.g. {dlq + '.dlq'!r}")
+        if self.dlq_topic is None:  # '<topic>.dlq' may be too long
+            _check_topic_name(dlq, "the default dead-letter topic (set GNPD_KAFKA__DLQ_TOPIC)")
+        return self
 
     @field_validator("security_protocol", "sasl_mechanism", mode="before")
     @classmethod
@@ -129,6 +148,15 @@ class KafkaSettings(_Section):
             if path is not None:
                 kwargs[name] = str(path)
         return kwargs
+
+
+def _check_topic_name(name: str, what: str = "") -> None:
+    """Kafka's rule for topic names (kafka.common.internals.Topic.validate)."""
+    if not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+        shown = repr(name) if len(name) <= 60 else f"{name[:40]!r}... ({len(name)} characters)"
+        raise ValueError(f"{what + ' ' if what else ''}{shown} is not a legal Kafka topic name: "
+                         f"1 to 249 characters from a-z, A-Z, 0-9, '.', '_' and '-', "
+                         f"and not '.' or '..'")
 
 
 class StoreSettings(_Section):

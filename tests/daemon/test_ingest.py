@@ -470,3 +470,63 @@ def test_a_seal_that_fails_dead_letters_the_record_and_goes_on(
         assert headers["reason"] == b"unstorable"
         assert headers["detail"].startswith(b"the store cannot encode it: UnicodeEncodeError")
     assert ing.stats.errors == 0  # handled in place: no reconnect, no backoff
+
+
+# ---- issue 8, item 9: dead-letter sends that cannot succeed ------------------------------------
+
+_DLQ_LIMIT = 100_000  # the dead-letter topic's max.message.bytes in the test below
+
+
+class _Refused:
+    """A send future the broker answered MESSAGE_SIZE_TOO_LARGE."""
+
+    def __init__(self, size: int) -> None:
+        from kafka.errors import MessageSizeTooLargeError
+
+        self.exception = MessageSizeTooLargeError(f"{size} bytes")
+
+    def failed(self) -> bool:
+        return True
+
+
+class _SmallDeadLetterTopic(KafkaProducer):
+    """The real producer, whose dead-letter topic refuses records over _DLQ_LIMIT bytes as a
+    Kafka broker does for a topic with a smaller max.message.bytes (Tansu enforces none)."""
+
+    def send(self, topic, value=None, headers=None, **kw):
+        size = len(value or b"") + sum(len(k) + len(v) for k, v in headers or [])
+        if topic.endswith(".dlq") and size > _DLQ_LIMIT:
+            return _Refused(size)
+        return super().send(topic, value=value, headers=headers, **kw)
+
+
+def _padded(label: int, size: int) -> bytes:
+    head = b'{"id": "big", "features": [0.1, 0.2, 0.3, 0.4], "label": %d, "pad": "' % label
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def test_a_reject_too_large_for_the_dead_letter_topic_is_sent_truncated(
+        kafka_bootstrap: str, make_topic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the DLQ send failed, the seal waited for it, and ingestion stopped for good."""
+    topic = make_topic(partitions=1)
+    bad_label, too_large = _padded(7, 150_000), _padded(1, 300_000)
+    values = [(0, good(0)), (0, bad_label), (0, good(1)), (0, too_large), (0, BAD["bad_shape"])]
+    send(kafka_bootstrap, topic, values + [(0, good(i)) for i in range(2, CHUNK)])
+    monkeypatch.setattr("daemon.ingest.KafkaProducer", _SmallDeadLetterTopic)
+    kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap, topic=topic, group_id=f"g-{topic}",
+                          poll_timeout_ms=100, max_message_bytes=200_000)
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    ing = ingestor(kafka, store)
+    try:
+        drain(ing, lambda: len(store.chunks()) == 1, timeout=20)
+    finally:
+        ing.stop()
+    assert sorted(stored_ids(store)) == sorted(f"good/{i}" for i in range(CHUNK))
+    dead = {int(dict(r.headers)["source_offset"]): r
+            for r in read_all(kafka_bootstrap, kafka.effective_dlq_topic, 3)}
+    assert sorted(dead) == [1, 3, 4]
+    for offset, raw, reason in ((1, bad_label, b"bad_label"), (3, too_large, b"too_large")):
+        headers = dict(dead[offset].headers)
+        assert headers["reason"] == reason and headers["truncated"] == str(len(raw)).encode()
+        assert dead[offset].value == raw[:64 * 1024]  # cut to what the topic accepts
+    assert dead[4].value == BAD["bad_shape"] and "truncated" not in dict(dead[4].headers)
