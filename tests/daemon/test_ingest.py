@@ -226,7 +226,7 @@ def test_failed_dead_letter_blocks_the_seal(kafka_bootstrap: str, make_topic, tm
     kafka = settings(kafka_bootstrap, topic)
     store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
     with monkeypatch.context() as patch:
-        patch.setattr("daemon.ingest.KafkaProducer", _BrokenDeadLetterProducer)
+        patch.setattr("daemon.kafka_clients.KafkaProducer", _BrokenDeadLetterProducer)
         broken = ingestor(kafka, store, max_backoff=0.1)
         broken.start()
         _wait(lambda: broken.stats.errors >= 2, "retries")
@@ -512,7 +512,7 @@ def test_a_reject_too_large_for_the_dead_letter_topic_is_sent_truncated(
     bad_label, too_large = _padded(7, 150_000), _padded(1, 300_000)
     values = [(0, good(0)), (0, bad_label), (0, good(1)), (0, too_large), (0, BAD["bad_shape"])]
     send(kafka_bootstrap, topic, values + [(0, good(i)) for i in range(2, CHUNK)])
-    monkeypatch.setattr("daemon.ingest.KafkaProducer", _SmallDeadLetterTopic)
+    monkeypatch.setattr("daemon.kafka_clients.KafkaProducer", _SmallDeadLetterTopic)
     kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap, topic=topic, group_id=f"g-{topic}",
                           poll_timeout_ms=100, max_message_bytes=200_000)
     store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
@@ -530,3 +530,50 @@ def test_a_reject_too_large_for_the_dead_letter_topic_is_sent_truncated(
         assert headers["reason"] == reason and headers["truncated"] == str(len(raw)).encode()
         assert dead[offset].value == raw[:64 * 1024]  # cut to what the topic accepts
     assert dead[4].value == BAD["bad_shape"] and "truncated" not in dict(dead[4].headers)
+
+
+# ---- issue 8, item 3: a high-watermark dip is waited out, never rebased ------------------------
+
+def test_a_high_watermark_dip_is_waited_out_not_rebased(
+        kafka_bootstrap: str, make_topic, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """After a leader change the new leader's high watermark can lag our position for a
+    while. Before, the ingestor took that for a recreated topic, rebased to the start and
+    stored every retained message again."""
+    import numpy as np
+
+    from daemon.messages import Sample
+
+    topic = make_topic(partitions=1)
+    send(kafka_bootstrap, topic, [(0, good(i)) for i in range(CHUNK)])
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    kafka = settings(kafka_bootstrap, topic)
+    first = ingestor(kafka, store)
+    drain(first, lambda: len(store.chunks()) == 1)
+    first.stop()
+    # We had read offsets 5..7 from the old leader (stored with a seal); the new leader's
+    # high watermark is still 5: our saved position, 8, is above it.
+    store.append([Sample(np.zeros(4, np.float32), 0, 0, o, f"old-leader/{o}") for o in (5, 6, 7)])
+    store.flush()
+    assert store.next_offsets() == {0: 8}
+
+    metrics = Metrics()
+    ing = ingestor(kafka, store, metrics=metrics, dip_recheck_interval=0.2)
+    try:
+        with caplog.at_level("WARNING", logger="daemon.offsets"):
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:  # the dip lasts 3 s
+                ing.poll_once(100)
+        assert store.positions() == {0: 8} and store.buffered == 0  # waited, not rebased
+        assert ing._watch.dipped == [0]  # noqa: SLF001
+        assert any("below our position 8" in r.message and "not rebasing" in r.message
+                   for r in caplog.records)
+        # the new leader catches up (5..7) and new records arrive (8..12)
+        send(kafka_bootstrap, topic, [(0, good(100 + i)) for i in range(3 + CHUNK)])
+        drain(ing, lambda: len(store.chunks()) == 3)
+    finally:
+        ing.stop()
+    ids = stored_ids(store)
+    assert len(ids) == len(set(ids)) == 3 * CHUNK - 2, ids  # nothing stored twice
+    assert ids[-CHUNK:] == [f"good/{100 + i}" for i in range(3, 3 + CHUNK)]
+    assert ing._watch.dipped == [] and ing.stats.skipped == 0  # noqa: SLF001
+    assert metrics.registry.get_sample_value("gnp_ingest_samples_total") == CHUNK

@@ -136,7 +136,7 @@ def test_every_client_the_ingestor_makes_gets_the_security_options(
         monkeypatch: pytest.MonkeyPatch, pem_files, tmp_path: Path) -> None:
     _Recorder.made = []
     for cls in (KafkaConsumer, KafkaProducer, KafkaAdminClient):
-        monkeypatch.setattr(f"daemon.ingest.{cls.__name__}", cls)
+        monkeypatch.setattr(f"daemon.kafka_clients.{cls.__name__}", cls)
     kafka = KafkaSettings(bootstrap_servers="k:9093", security_protocol="SASL_SSL",
                           sasl_mechanism="SCRAM-SHA-256", sasl_username="gnpd",
                           sasl_password="secret", ssl_cafile=pem_files["ca"])
