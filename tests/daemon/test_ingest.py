@@ -577,3 +577,70 @@ def test_a_high_watermark_dip_is_waited_out_not_rebased(
     assert ids[-CHUNK:] == [f"good/{100 + i}" for i in range(3, 3 + CHUNK)]
     assert ing._watch.dipped == [] and ing.stats.skipped == 0  # noqa: SLF001
     assert metrics.registry.get_sample_value("gnp_ingest_samples_total") == CHUNK
+
+
+# ---- issue 8, item 11: ingest health --------------------------------------------------------------
+
+def _gauge(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_a_broker_outage_shows_in_the_health_gauges(tmp_path: Path) -> None:
+    """The broker is frozen (SIGSTOP) and thawed: gnp_ingest_connected drops to 0, the last
+    successful poll and the lag's end offsets visibly age, and all recover afterwards."""
+    broker = EmbeddedBroker().start()
+    metrics = Metrics()
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    ing = Ingestor(settings(broker.bootstrap_servers, "samples"), store, input_shape=SHAPE,
+                   num_classes=CLASSES, metrics=metrics, lag_interval=0.5, max_backoff=1.0)
+    connected = lambda: _gauge(metrics, "gnp_ingest_connected")  # noqa: E731
+    ing.start()
+    try:
+        send(broker.bootstrap_servers, "samples", [(0, good(i)) for i in range(CHUNK + 2)])
+        _wait(lambda: len(store.chunks()) == 1 and connected() == 1, "first chunk, connected")
+        assert _gauge(metrics, "gnp_ingest_lag_messages", partition="0") == 0
+        frozen = time.time()
+        broker._proc.send_signal(signal.SIGSTOP)  # noqa: SLF001 - freeze, keep the sockets
+        try:
+            _wait(lambda: connected() == 0, "connected == 0 during the outage", timeout=20)
+            last_poll = _gauge(metrics, "gnp_ingest_last_poll_timestamp_seconds")
+            lag_read = _gauge(metrics, "gnp_ingest_lag_timestamp_seconds")
+            assert last_poll < frozen + 1.0 and lag_read < frozen + 1.0
+            time.sleep(2.0)
+            assert _gauge(metrics, "gnp_ingest_last_poll_timestamp_seconds") == last_poll
+            assert _gauge(metrics, "gnp_ingest_lag_timestamp_seconds") == lag_read
+            assert connected() == 0
+        finally:
+            thawed = time.time()
+            broker._proc.send_signal(signal.SIGCONT)  # noqa: SLF001
+        _wait(lambda: connected() == 1, "connected again", timeout=30)
+        assert _gauge(metrics, "gnp_ingest_last_poll_timestamp_seconds") >= thawed
+        assert _gauge(metrics, "gnp_ingest_lag_timestamp_seconds") >= thawed
+        send(broker.bootstrap_servers, "samples", [(0, good(i)) for i in range(100, 103)])
+        _wait(lambda: len(store.chunks()) == 2, "a chunk after the outage")
+    finally:
+        broker._proc.send_signal(signal.SIGCONT)  # noqa: SLF001
+        assert ing.stop(timeout=15)
+        broker.stop()
+    assert len(set(stored_ids(store))) == 2 * CHUNK
+
+
+def test_re_reads_after_a_recovery_are_counted_apart_from_new_samples(
+        kafka_bootstrap: str, make_topic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every failed dead-letter flush makes the ingestor read from the last seal again; the
+    samples it reads again are re-reads, not new samples (before: counted again each time)."""
+    topic = make_topic(partitions=1)
+    values = [(0, good(0)), (0, good(1)), (0, BAD["bad_label"])] + \
+        [(0, good(i)) for i in range(2, 6)]
+    send(kafka_bootstrap, topic, values)
+    monkeypatch.setattr("daemon.kafka_clients.KafkaProducer", _BrokenDeadLetterProducer)
+    metrics = Metrics()
+    ing = ingestor(settings(kafka_bootstrap, topic), ChunkStore(tmp_path, CHUNK, SHAPE, 0.2),
+                   metrics=metrics, max_backoff=0.1)
+    ing.start()
+    _wait(lambda: ing.stats.errors >= 3 and ing.stats.reread >= 2 * len(values), "re-reads")
+    assert ing.stop()
+    assert _gauge(metrics, "gnp_ingest_samples_total") == 6
+    assert _gauge(metrics, "gnp_ingest_rejected_total", reason="bad_label") == 1
+    assert _gauge(metrics, "gnp_ingest_reread_total") == ing.stats.reread
+    assert ing.stats.consumed == len(values) + ing.stats.reread
