@@ -44,6 +44,7 @@ from kafka.errors import KafkaError, LogTruncationError, OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata
 
 from daemon.deadletter import DeadLetterError, DeadLetterWriter
+from daemon.kafka_clients import _FAST_CRC  # noqa: F401 - benchmarks import it from here
 from daemon.kafka_clients import close_quietly, create_topic, open_clients, topic_id
 from daemon.messages import Rejection, Sample, parse_message
 from daemon.metrics import Metrics
@@ -111,6 +112,7 @@ class Ingestor:
         self._dlq: DeadLetterWriter | None = None
         self._assigned: list[TopicPartition] = []
         self._poison: dict[tuple[int, int], str] = {}  # (partition, offset) -> why unstorable
+        self._poison_counted: set[tuple[int, int]] = set()
         self._read_upto: dict[int, int] = {}  # partition -> one past the furthest offset read
         self._watch = OffsetWatch(store, self.metrics, recheck_interval=dip_recheck_interval,
                                   clock=clock)
@@ -254,6 +256,7 @@ class Ingestor:
             self._watch.forget()
             self._read_upto.clear()
             self._poison.clear()
+            self._poison_counted.clear()
         self._assign(self._topic_partitions())
 
     def _topic_partitions(self) -> list[int]:
@@ -308,9 +311,20 @@ class Ingestor:
             else:
                 self._store(run)
                 run = []
-                self._dead_letter(result, fresh)
+                self._dead_letter(result, fresh or self._first_unstorable(partition, rec.offset))
         self._store(run)
         return len(records)
+
+    def _first_unstorable(self, partition: int, offset: int) -> bool:
+        """True once for each record set aside by a failed seal: count its rejection once.
+
+        (It was counted as a sample when first read, before the seal failed.)
+        """
+        key = (partition, offset)
+        if key not in self._poison or key in self._poison_counted:
+            return False
+        self._poison_counted.add(key)
+        return True
 
     def _parse(self, partition: int, rec: Any) -> Sample | Rejection:
         value, offset = rec.value, rec.offset  # a kafka ConsumerRecord
@@ -354,6 +368,7 @@ class Ingestor:
         self._counts["sealed"] += len(sealed)
         durable = self.store.next_offsets()
         self._poison = {k: v for k, v in self._poison.items() if k[1] >= durable.get(k[0], 0)}
+        self._poison_counted &= self._poison.keys()
         self.metrics.store_chunks.set(len(self.store.chunks()))
         log.info("sealed chunk(s) %s (%d rows)", [c.id for c in sealed],
                  sum(c.rows for c in sealed))

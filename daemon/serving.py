@@ -136,7 +136,8 @@ def _version_summary(v: ModelVersion) -> dict[str, Any]:
 
 def create_app(served: ServedModel, metrics: Metrics,
                history: Callable[[], list[ModelVersion]] = list,
-               max_instances: int = MAX_INSTANCES, *, serve: ServeSettings | None = None) -> FastAPI:
+               max_instances: int = MAX_INSTANCES, *,
+               serve: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application answering from ``served``.
 
     Args:

@@ -456,7 +456,8 @@ def test_a_seal_that_fails_dead_letters_the_record_and_goes_on(
     send(kafka_bootstrap, topic, values)
     store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
     kafka = settings(kafka_bootstrap, topic)
-    ing = ingestor(kafka, store)
+    metrics = Metrics()
+    ing = ingestor(kafka, store, metrics=metrics)
     try:
         drain(ing, lambda: len(store.chunks()) == 3, timeout=30)
     finally:
@@ -470,6 +471,8 @@ def test_a_seal_that_fails_dead_letters_the_record_and_goes_on(
         assert headers["reason"] == b"unstorable"
         assert headers["detail"].startswith(b"the store cannot encode it: UnicodeEncodeError")
     assert ing.stats.errors == 0  # handled in place: no reconnect, no backoff
+    assert metrics.registry.get_sample_value("gnp_ingest_rejected_total",
+                                             {"reason": "unstorable"}) == 2
 
 
 # ---- issue 8, item 9: dead-letter sends that cannot succeed ------------------------------------
@@ -579,7 +582,7 @@ def test_a_high_watermark_dip_is_waited_out_not_rebased(
     assert metrics.registry.get_sample_value("gnp_ingest_samples_total") == CHUNK
 
 
-# ---- issue 8, item 11: ingest health --------------------------------------------------------------
+# ---- issue 8, item 11: ingest health ----------------------------------------------------------
 
 def _gauge(metrics: Metrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, labels)

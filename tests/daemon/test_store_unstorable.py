@@ -1,4 +1,7 @@
-"""ChunkStore seal: samples the encoder refuses are named, nothing half-written (issue 8, item 1)."""
+"""ChunkStore seal: the samples the encoder refuses are named, nothing is half-written.
+
+Issue 8, item 1.
+"""
 
 from __future__ import annotations
 
