@@ -384,11 +384,23 @@ def _produce_slowly(bootstrap: str, topic: str, values: list[tuple[int, bytes]],
 
 def _kill_repeatedly(start: Callable[[], subprocess.Popen], rng: random.Random,
                      done: threading.Event, store_dir: Path) -> list[int]:
-    """Start and SIGKILL the worker until production ends (6 times at least)."""
-    rows_at_kill: list[int] = []
+    """Start and SIGKILL the worker until production ends (6 times at least).
+
+    The kill points are drawn around the worker's start-up time (its first seal), measured
+    on the first run: about 1 s on an idle machine but several on a loaded one, where fixed
+    delays killed every worker before it sealed anything.
+    """
+    proc, t0 = start(), time.monotonic()
+    deadline = t0 + 30
+    while _manifest_rows(store_dir) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    startup = time.monotonic() - t0
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rows_at_kill = [_manifest_rows(store_dir)]
     while len(rows_at_kill) < 6 or not done.is_set():
         proc = start()
-        time.sleep(rng.uniform(0.8, 2.0))  # ~1 s of it is start-up
+        time.sleep(rng.uniform(0.8 * startup, startup + 1.2))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         rows_at_kill.append(_manifest_rows(store_dir))
