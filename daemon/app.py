@@ -78,8 +78,8 @@ class Daemon:
             self.store = ChunkStore(s.store.path, s.store.chunk_size, s.model.input_shape,
                                     s.store.val_fraction)
             self._serve_latest()
-            self.http = HttpServer(create_app(self.served, self.metrics, self.registry.history),
-                                   s.serve.host, s.serve.port)
+            app = create_app(self.served, self.metrics, self.registry.history, serve=s.serve)
+            self.http = HttpServer(app, s.serve.host, s.serve.port)
             self.http.start()
             self._start_broker()
             self.updater = UpdateWorker(self.store, self.registry, self.served, self.metrics,

@@ -17,6 +17,17 @@ Delivery guarantees:
 * On any error (broker outage, failed dead-letter send, disk full) the ingestor
   drops its non-durable buffer, reconnects with exponential backoff and reads
   again from the last seal -- nothing is stored twice, nothing is skipped.
+* Positions move only forward, except when the topic was really recreated (a new
+  topic id): a high watermark that dips below the saved position is waited out,
+  and records deleted by retention before they were read are skipped with a
+  WARNING and counted (:mod:`daemon.offsets`).
+* A record read again after a recovery counts in ``gnp_ingest_reread_total``, not
+  again in ``gnp_ingest_samples_total`` / ``gnp_ingest_rejected_total``.
+* A seal that fails because a sample cannot be encoded (a value validation let
+  through) never blocks ingestion: the store names the offending samples by
+  bisection, the ingestor rewinds to the last seal and, reading them again,
+  dead-letters them as ``unstorable``. Only a failure no single sample explains
+  (e.g. the disk) is retried as an error.
 """
 
 from __future__ import annotations
@@ -26,42 +37,26 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, LogTruncationError, OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata
 
+from daemon.deadletter import DeadLetterError, DeadLetterWriter
+from daemon.kafka_clients import _FAST_CRC  # noqa: F401 - benchmarks import it from here
+from daemon.kafka_clients import close_quietly, create_topic, open_clients, topic_id
 from daemon.messages import Rejection, Sample, parse_message
 from daemon.metrics import Metrics
+from daemon.offsets import OffsetWatch
 from daemon.settings import KafkaSettings, Settings
-from daemon.store import ChunkInfo, ChunkStore
+from daemon.store import ChunkInfo, ChunkStore, UnstorableError
 
 __all__ = ["DeadLetterError", "IngestStats", "Ingestor"]
 
 log = logging.getLogger(__name__)
 
 OnSealed = Callable[[list[ChunkInfo]], None]
-_HEADER_OVERHEAD = 64 * 1024  # producer request headroom over max_message_bytes
-
-
-def _fast_crc() -> bool:
-    try:
-        from kafka.record import util
-    except ImportError:
-        return False
-    return getattr(util, "crc32c_c", None) is not None
-
-
-# kafka-python checks record CRC32Cs in pure Python unless the `crc32c` package is
-# installed; that costs ~90% of consume time (~1,000 msg/s for 4 KB messages). So
-# check only when it is cheap -- librdkafka does not check by default either; TCP
-# checksums the transfer and the broker checked the CRC when the record was produced.
-_FAST_CRC = _fast_crc()
-
-
-class DeadLetterError(RuntimeError):
-    """A rejected message could not be written to the dead-letter topic."""
 
 
 @dataclass(frozen=True)
@@ -70,10 +65,12 @@ class IngestStats:
 
     consumed: int = 0     # records read from Kafka, duplicates excluded
     stored: int = 0       # valid samples appended to the store's buffer
-    rejected: int = 0     # records sent to the dead-letter topic
+    rejected: int = 0     # records dead-lettered, each counted once (re-reads excluded)
     duplicates: int = 0   # re-delivered records ignored
     sealed: int = 0       # chunks sealed
     errors: int = 0       # recoveries (buffer dropped, reconnected)
+    reread: int = 0       # records read again after a recovery or a rewind
+    skipped: int = 0      # offsets deleted by retention before they could be read
 
 
 class Ingestor:
@@ -89,13 +86,16 @@ class Ingestor:
         lag_interval: seconds between ``end_offsets`` calls for the lag gauge.
         partition_check_interval: seconds between checks for new partitions.
         max_backoff: longest wait between reconnect attempts, seconds.
+        dip_recheck_interval: seconds between re-checks of a partition whose high
+            watermark is below our position.
     """
 
     def __init__(self, kafka: KafkaSettings, store: ChunkStore, *, input_shape: Sequence[int],
                  num_classes: int, metrics: Metrics | None = None,
                  on_sealed: OnSealed | None = None,
                  lag_interval: float = 5.0, partition_check_interval: float = 30.0,
-                 max_backoff: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_backoff: float = 30.0, dip_recheck_interval: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not kafka.bootstrap_servers:
             raise ValueError("kafka.bootstrap_servers is empty: start an EmbeddedBroker first")
         if tuple(input_shape) != store.input_shape:
@@ -109,8 +109,13 @@ class Ingestor:
         self.max_backoff, self._clock = max_backoff, clock
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
+        self._dlq: DeadLetterWriter | None = None
         self._assigned: list[TopicPartition] = []
-        self._pending_dlq: list = []  # futures of dead-letter sends not yet flushed
+        self._poison: dict[tuple[int, int], str] = {}  # (partition, offset) -> why unstorable
+        self._poison_counted: set[tuple[int, int]] = set()
+        self._read_upto: dict[int, int] = {}  # partition -> one past the furthest offset read
+        self._watch = OffsetWatch(store, self.metrics, recheck_interval=dip_recheck_interval,
+                                  clock=clock)
         self._counts = dict.fromkeys(IngestStats.__dataclass_fields__, 0)
         self._admin: KafkaAdminClient | None = None
         self._next_lag = self._next_topic_check = 0.0
@@ -128,7 +133,7 @@ class Ingestor:
     @property
     def stats(self) -> IngestStats:
         """Counters so far."""
-        return IngestStats(**self._counts)
+        return IngestStats(**{**self._counts, "skipped": self._watch.skipped})
 
     @property
     def partitions(self) -> list[int]:
@@ -178,11 +183,11 @@ class Ingestor:
     def close(self) -> None:
         """Flush dead-letter sends and close the Kafka clients (reconnects on next poll)."""
         producer, consumer, admin = self._producer, self._consumer, self._admin
-        self._consumer, self._producer, self._admin = None, None, None
+        self._consumer, self._producer, self._admin, self._dlq = None, None, None, None
         self._assigned = []
-        _close_quietly(producer, timeout=5)
-        _close_quietly(consumer, autocommit=False)
-        _close_quietly(admin)
+        close_quietly(producer, timeout=5)
+        close_quietly(consumer, autocommit=False)
+        close_quietly(admin)
 
     # ---- one step ----------------------------------------------------------------
 
@@ -194,13 +199,33 @@ class Ingestor:
             self._next_topic_check = self._clock() + self.partition_check_interval
             self._refresh_topic()
         wait = self.kafka.poll_timeout_ms if timeout_ms is None else timeout_ms
-        batches = self._consumer.poll(timeout_ms=wait)
-        handled = sum(self._handle_partition(tp.partition, records)
-                      for tp, records in batches.items())
-        self._check_positions()
+        try:
+            batches = self._consumer.poll(timeout_ms=wait)
+        except OffsetOutOfRangeError as exc:  # Kafka: past the log end, or before its start
+            offsets = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+            if self._watch.out_of_range(self._consumer, offsets):
+                self._refresh_topic()
+            return 0
+        except LogTruncationError as exc:
+            for tp, where in exc.divergent_offsets.items():
+                if where is not None:
+                    self._read_upto[tp.partition] = min(
+                        self._read_upto.get(tp.partition, 0), where.offset)
+            self._watch.truncated(self._consumer, exc.divergent_offsets)
+            return 0
+        if batches:
+            self._watch.reached()
+        try:
+            handled = sum(self._handle_partition(tp.partition, records)
+                          for tp, records in batches.items())
+        except UnstorableError as exc:
+            self._set_aside(exc)
+            return 0
+        if self._watch.check(self._consumer, self._assigned):
+            self._refresh_topic()  # a dip: was the topic recreated?
         if self._clock() >= self._next_lag:
             self._next_lag = self._clock() + self.lag_interval
-            self._report_lag()
+            self._watch.read_ends(self._consumer, self._assigned)
         return handled
 
     def connect(self) -> None:
@@ -208,22 +233,14 @@ class Ingestor:
         if self._consumer is not None:
             return
         k = self.kafka
-        # Bounded waits, so that stop() is prompt and an outage is retried by run().
-        common = {"bootstrap_servers": k.bootstrap_servers, "bootstrap_timeout_ms": 5_000,
-                  "reconnect_backoff_max_ms": 5_000}
-        self._admin = KafkaAdminClient(client_id="gnpd-admin", **common)
-        self._consumer = KafkaConsumer(
-            client_id="gnpd-ingest", group_id=k.group_id, enable_auto_commit=False,
-            auto_offset_reset="earliest", check_crcs=_FAST_CRC,
-            max_partition_fetch_bytes=max(8 << 20, k.max_message_bytes + _HEADER_OVERHEAD),
-            metadata_max_age_ms=int(self.partition_check_interval * 1000), **common)
-        self._producer = KafkaProducer(
-            client_id="gnpd-dlq", acks="all", linger_ms=5, max_block_ms=10_000,
-            max_request_size=k.max_message_bytes + _HEADER_OVERHEAD, **common)
+        self._admin, self._consumer, self._producer = open_clients(
+            k, metadata_max_age_ms=int(self.partition_check_interval * 1000))
+        self._dlq = DeadLetterWriter(self._producer, k.effective_dlq_topic, k.topic,
+                                     k.max_message_bytes)
         existing = self._consumer.topics()
         for name, partitions in ((k.topic, k.topic_partitions), (k.effective_dlq_topic, 1)):
             if name not in existing:
-                _create_topic(self._admin, name, partitions)
+                create_topic(self._admin, name, partitions)
         self._next_topic_check = 0.0
         log.info("ingesting %s from %s (dead letters to %s)", k.topic, k.bootstrap_servers,
                  k.effective_dlq_topic)
@@ -231,11 +248,15 @@ class Ingestor:
     def _refresh_topic(self) -> None:
         """Follow the topic: a new id (recreated) restarts it at 0; new partitions are added."""
         assert self._admin is not None
-        topic_id = _topic_id(self._admin, self.kafka.topic)
-        if self.store.bind_topic(topic_id):
+        new_id = topic_id(self._admin, self.kafka.topic)
+        if self.store.bind_topic(new_id):
             log.warning("topic %s has a new id %s (recreated, or a fresh embedded broker): "
-                        "reading it from the beginning", self.kafka.topic, topic_id)
+                        "reading it from the beginning", self.kafka.topic, new_id)
             self._assigned = []  # re-seek every partition below
+            self._watch.forget()
+            self._read_upto.clear()
+            self._poison.clear()
+            self._poison_counted.clear()
         self._assign(self._topic_partitions())
 
     def _topic_partitions(self) -> list[int]:
@@ -269,66 +290,85 @@ class Ingestor:
 
     def _handle_partition(self, partition: int, records: list) -> int:
         start = self.store.positions().get(partition, 0)
+        read_before = self._read_upto.get(partition, 0)
         run: list[Sample] = []
         for rec in records:
             if rec.offset < start:
                 self._counts["duplicates"] += 1
                 continue
             self._counts["consumed"] += 1
-            result = parse_message(rec.value, partition, rec.offset, self.input_shape,
-                                   self.num_classes, self.kafka.max_message_bytes)
+            fresh = rec.offset >= read_before
+            if fresh:
+                self._read_upto[partition] = rec.offset + 1
+            else:
+                self._counts["reread"] += 1
+                self.metrics.ingest_reread.inc()
+            result = self._parse(partition, rec)
             if isinstance(result, Sample):
                 run.append(result)
+                if fresh:
+                    self.metrics.ingest_samples.inc()
             else:
                 self._store(run)
                 run = []
-                self._dead_letter(result)
+                self._dead_letter(result, fresh or self._first_unstorable(partition, rec.offset))
         self._store(run)
         return len(records)
+
+    def _first_unstorable(self, partition: int, offset: int) -> bool:
+        """True once for each record set aside by a failed seal: count its rejection once.
+
+        (It was counted as a sample when first read, before the seal failed.)
+        """
+        key = (partition, offset)
+        if key not in self._poison or key in self._poison_counted:
+            return False
+        self._poison_counted.add(key)
+        return True
+
+    def _parse(self, partition: int, rec: Any) -> Sample | Rejection:
+        value, offset = rec.value, rec.offset  # a kafka ConsumerRecord
+        poison = self._poison.get((partition, offset))
+        if poison is not None:  # found by a failed seal: never parse it into a sample again
+            return Rejection("unstorable", poison, partition, offset, bytes(value or b""))
+        return parse_message(value, partition, offset, self.input_shape, self.num_classes,
+                             self.kafka.max_message_bytes)
 
     def _store(self, run: list[Sample]) -> None:
         if not run:
             return
         if len(run) >= self.store.chunk_size - self.store.buffered:
             self._flush_dead_letters()  # the seal below covers their offsets
-        sealed = self.store.append(run)
+        before = len(self.store.chunks())
+        try:
+            sealed = self.store.append(run)
+        except UnstorableError:
+            done = self.store.chunks()[before:]  # sealed by this call before the failure
+            if done:
+                self._after_seal(done)
+            raise
         self._counts["stored"] += len(run)
-        self.metrics.ingest_samples.inc(len(run))
         if sealed:
             self._after_seal(sealed)
 
-    def _dead_letter(self, rej: Rejection) -> None:
+    def _dead_letter(self, rej: Rejection, fresh: bool = True) -> None:
         if not self.store.skip(rej.partition, rej.offset):
             return
-        assert self._producer is not None
-        limit = self.kafka.max_message_bytes
-        headers = [
-            ("reason", rej.reason.encode()), ("detail", rej.detail.encode("utf-8", "replace")),
-            ("source_topic", self.kafka.topic.encode()),
-            ("source_partition", str(rej.partition).encode()),
-            ("source_offset", str(rej.offset).encode()),
-        ]
-        if len(rej.raw) > limit:  # keep the record within what any broker accepts
-            headers.append(("truncated", str(len(rej.raw)).encode()))
-        future = self._producer.send(self.kafka.effective_dlq_topic, value=rej.raw[:limit],
-                                     headers=headers)
-        self._pending_dlq.append(future)
-        self._counts["rejected"] += 1
-        self.metrics.ingest_rejected.labels(reason=rej.reason).inc()
+        assert self._dlq is not None
+        self._dlq.send(rej)  # again after a re-read: at least once
+        if fresh:
+            self._counts["rejected"] += 1
+            self.metrics.ingest_rejected.labels(reason=rej.reason).inc()
 
     def _flush_dead_letters(self) -> None:
-        if not self._pending_dlq:
-            return
-        assert self._producer is not None
-        self._producer.flush(timeout=30)
-        failed = [f for f in self._pending_dlq if f.failed()]
-        self._pending_dlq = []
-        if failed:
-            raise DeadLetterError(
-                f"{len(failed)} dead-letter send(s) failed") from failed[0].exception
+        if self._dlq is not None:
+            self._dlq.flush(timeout=30)
 
     def _after_seal(self, sealed: list[ChunkInfo]) -> None:
         self._counts["sealed"] += len(sealed)
+        durable = self.store.next_offsets()
+        self._poison = {k: v for k, v in self._poison.items() if k[1] >= durable.get(k[0], 0)}
+        self._poison_counted &= self._poison.keys()
         self.metrics.store_chunks.set(len(self.store.chunks()))
         log.info("sealed chunk(s) %s (%d rows)", [c.id for c in sealed],
                  sum(c.rows for c in sealed))
@@ -349,37 +389,35 @@ class Ingestor:
         except Exception as exc:  # noqa: BLE001 - the manifest, not Kafka, is the truth
             log.warning("offset commit for group %s failed: %r", self.kafka.group_id, exc)
 
-    # ---- positions, lag, recovery ---------------------------------------------------
+    # ---- recovery --------------------------------------------------------------------
 
-    def _check_positions(self) -> None:
-        """Rebase a partition whose log now ends before our position (topic recreated)."""
-        assert self._consumer is not None
-        positions = self.store.positions()
-        for tp in self._assigned:
-            high = self._consumer.highwater(tp)
-            pos = positions.get(tp.partition)
-            if high is None or pos is None or high >= pos:
-                continue
-            begin = self._consumer.beginning_offsets([tp], timeout_ms=10_000)[tp]
-            log.warning("partition %d ends at offset %d, before our position %d: the topic "
-                        "was recreated (e.g. a fresh embedded broker); reading from %d",
-                        tp.partition, high, pos, begin)
-            self.store.rebase(tp.partition, begin)
-            self._consumer.seek(tp, begin)
+    def _set_aside(self, exc: UnstorableError) -> None:
+        """Remember the samples a seal could not encode; read again from the last seal.
 
-    def _report_lag(self) -> None:
+        Read again, they are dead-lettered as ``unstorable`` with their original bytes.
+        A failure no single sample explains is not the data's: it is raised (retried).
+        """
+        if not exc.bad:
+            raise exc
+        for sample, why in exc.bad:
+            log.error("partition %d offset %d (id %r) cannot be stored (%s): dead-lettering it",
+                      sample.partition, sample.offset, sample.id, why)
+            detail = f"the store cannot encode it: {why}"[:200]
+            self._poison[(sample.partition, sample.offset)] = detail
+        self._rewind()
+
+    def _rewind(self) -> None:
+        """Drop the open buffer and seek every partition back to the last seal."""
         assert self._consumer is not None
-        try:
-            ends = self._consumer.end_offsets(self._assigned, timeout_ms=5_000)
-        except Exception as exc:  # noqa: BLE001 - lag is best effort
-            log.debug("end_offsets failed: %r", exc)
-            ends = {}
-        positions = self.store.positions()
+        dropped = self.store.discard_buffer()
+        durable = self.store.next_offsets()
         for tp in self._assigned:
-            # Tansu's ListOffsets can lag behind the fetch high watermark: take the larger.
-            end = max(ends.get(tp) or 0, self._consumer.highwater(tp) or 0)
-            lag = max(0, end - positions.get(tp.partition, 0))
-            self.metrics.ingest_lag.labels(partition=str(tp.partition)).set(lag)
+            if tp.partition in durable:
+                self._consumer.seek(tp, durable[tp.partition])
+            else:
+                self._consumer.seek_to_beginning(tp)
+        log.warning("dropped %d buffered samples; reading again from the last seal %s",
+                    dropped, durable)
 
     def _recover(self) -> None:
         """Back to the last durable state: drop the buffer, reconnect on the next poll."""
@@ -387,35 +425,8 @@ class Ingestor:
         dropped = self.store.discard_buffer()
         if dropped:
             log.warning("dropped %d buffered samples; they will be read again", dropped)
-        self._pending_dlq = []
+        self._watch.lost(self.partitions)  # also re-publishes the lag from rewound positions
+        if self._dlq is not None:
+            self._dlq.discard()
         self.close()
 
-
-def _close_quietly(client: KafkaConsumer | KafkaProducer | KafkaAdminClient | None,
-                   **kwargs: object) -> None:
-    if client is None:
-        return
-    try:
-        client.close(**kwargs)
-    except Exception as exc:  # noqa: BLE001 - closing must not raise
-        log.warning("closing %s failed: %r", type(client).__name__, exc)
-
-
-def _create_topic(admin: KafkaAdminClient, name: str, partitions: int) -> None:
-    try:
-        admin.create_topics([NewTopic(name, partitions, -1)])  # -1: the broker's replication
-        log.info("created topic %s with %d partition(s)", name, partitions)
-    except TopicAlreadyExistsError:
-        pass
-
-
-def _topic_id(admin: KafkaAdminClient, topic: str) -> str | None:
-    """The broker's id of ``topic`` (Kafka >= 2.8 and Tansu have one), or None."""
-    try:
-        (desc,) = admin.describe_topics([topic])
-    except Exception as exc:  # noqa: BLE001 - an old broker: fall back to high-water checks
-        log.debug("describe_topics(%s) failed: %r", topic, exc)
-        return None
-    topic_id = desc.get("topic_id")
-    unset = (None, "", "00000000-0000-0000-0000-000000000000")
-    return None if topic_id in unset else str(topic_id)

@@ -26,7 +26,8 @@ try:  # optional: about 2x faster than json on 784-feature messages
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None
 
-__all__ = ["JSON_DECODER", "Rejection", "Sample", "numeric_array", "parse_message"]
+__all__ = ["JSON_DECODER", "Rejection", "Sample", "load_json", "matches_input_shape",
+           "numeric_array", "parse_message", "shape_rule"]
 
 JSON_DECODER = "orjson" if _orjson is not None else "json"
 
@@ -84,8 +85,9 @@ def parse_message(
     Args:
         raw: the record value (``None`` for a tombstone, rejected as invalid_json).
         partition, offset: where the record was read; copied into the result.
-        input_shape: the model's input shape; ``features`` must be a flat list of
-            prod(input_shape) numbers or nested lists of exactly that shape.
+        input_shape: the model's input shape; ``features`` must match it as
+            :func:`matches_input_shape` says (flat, or nested as the shape with any
+            size-1 dimensions added or left out).
         num_classes: labels must be integers in ``0 .. num_classes - 1``.
         max_bytes: larger messages are rejected as too_large before parsing.
     """
@@ -103,7 +105,7 @@ def _parse(raw: bytes, partition: int, offset: int, shape: tuple[int, ...],
            num_classes: int, max_bytes: int) -> Sample:
     if len(raw) > max_bytes:
         raise _Reject("too_large", f"{len(raw)} bytes > max_message_bytes {max_bytes}")
-    obj = _load_json(raw)
+    obj = load_json(raw)
     if not isinstance(obj, dict):
         raise _Reject("not_object", f"top-level JSON value is a {_json_type(obj)}, not an object")
     missing = [k for k in ("features", "label") if k not in obj]
@@ -116,7 +118,15 @@ def _parse(raw: bytes, partition: int, offset: int, shape: tuple[int, ...],
     return Sample(features, label, partition, offset, sample_id, timestamp)
 
 
-def _load_json(raw: bytes) -> Any:
+def load_json(raw: bytes | bytearray) -> Any:
+    """Parse JSON text without ever recursing past a fixed depth.
+
+    orjson stops at 1024 nested levels, json at the interpreter's recursion limit
+    (about 1000): either way deep nesting (``[[[[...``) is an error, never a crash.
+
+    Raises:
+        ValueError: ``.reason`` is invalid_json; the message says what is wrong.
+    """
     if not raw:
         raise _Reject("invalid_json", "empty message")
     if _orjson is not None:
@@ -126,7 +136,9 @@ def _load_json(raw: bytes) -> Any:
             pass  # NaN, UTF-16, huge ints...: let json decide, so results never differ
     try:
         return json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+    except RecursionError:
+        raise _Reject("invalid_json", "nested too deeply (over 1000 levels)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise _Reject("invalid_json", f"{type(exc).__name__}: {exc}") from None
 
 
@@ -146,9 +158,16 @@ def _check_label(label: Any, num_classes: int) -> int:
 
 
 def _check_id(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise _Reject("bad_type", f"id must be a string, got {_json_type(value)}")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Reject("bad_type", f"id must be a string, got {_json_type(value)}")
+    try:  # JSON allows "\ud800" (a lone UTF-16 surrogate); UTF-8, hence Arrow, does not
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Reject("unstorable", f"id is not valid Unicode: lone surrogate "
+                                    f"U+{ord(value[e.start]):04X} at index {e.start}") from None
+    return value
 
 
 def _check_timestamp(value: Any) -> int | float | None:
@@ -189,15 +208,35 @@ def numeric_array(value: Any, maybe_bools: bool = True) -> np.ndarray:
     return arr
 
 
+def matches_input_shape(shape: Sequence[int], input_shape: Sequence[int]) -> bool:
+    """True if an array of ``shape`` holds exactly one sample of ``input_shape``.
+
+    Size-1 dimensions do not count, on either side: for input shape [1, 28, 28] a
+    flat list of 784 numbers, a 28x28 nested list, [1, 28, 28] and [28, 1, 28] all
+    match; [784, 1] and [[784 numbers]] too (flat once size-1 dimensions are dropped).
+    Ingestion and ``/v1/predict`` share this rule.
+    """
+    if math.prod(shape) != math.prod(input_shape):
+        return False
+    squeezed = tuple(d for d in shape if d != 1)
+    return squeezed == tuple(d for d in input_shape if d != 1) or len(squeezed) <= 1
+
+
+def shape_rule(input_shape: Sequence[int]) -> str:
+    """The rule of :func:`matches_input_shape` in words, for error messages."""
+    core = [d for d in input_shape if d != 1]
+    return (f"{list(input_shape)} (size-1 dimensions optional, e.g. {core or [1]}) or flat "
+            f"with {math.prod(input_shape)} values")
+
+
 def _check_features(value: Any, shape: tuple[int, ...], maybe_bools: bool) -> np.ndarray:
     try:
         arr = numeric_array(value, maybe_bools)
     except _Reject as e:
         raise _Reject(e.reason, f"features {e.detail}") from None
-    size = math.prod(shape)
-    if arr.shape != (size,) and arr.shape != shape:
+    if not matches_input_shape(arr.shape, shape):
         raise _Reject("bad_shape", f"features have shape {list(arr.shape)}, expected "
-                                   f"[{size}] or {list(shape)}")
+                                   f"{shape_rule(shape)}")
     with np.errstate(over="ignore", invalid="ignore"):
         flat = arr.reshape(-1).astype(np.float32)
     finite = np.isfinite(flat)

@@ -12,7 +12,7 @@ __all__ = ["Metrics", "REJECT_REASONS", "UPDATE_OUTCOMES"]
 
 REJECT_REASONS = (
     "invalid_json", "not_object", "missing_field", "bad_shape",
-    "non_finite", "bad_label", "too_large", "bad_type",
+    "non_finite", "bad_label", "too_large", "bad_type", "unstorable",
 )
 UPDATE_OUTCOMES = ("success", "failed", "abandoned")
 
@@ -62,6 +62,24 @@ class Metrics:
         self.ingest_lag = Gauge(
             "gnp_ingest_lag_messages", "End offset minus next offset to read, by partition",
             ["partition"], registry=r)
+        self.ingest_reread = Counter(
+            "gnp_ingest_reread",
+            "Records read again after a recovery (not counted again as samples or rejects)",
+            registry=r)
+        self.ingest_skipped = Counter(
+            "gnp_ingest_skipped_offsets",
+            "Offsets never read because retention deleted them first, by partition",
+            ["partition"], registry=r)
+        self.ingest_connected = Gauge(
+            "gnp_ingest_connected",
+            "1 while the ingestor's last round trip to the broker worked, else 0", registry=r)
+        self.ingest_last_poll = Gauge(
+            "gnp_ingest_last_poll_timestamp_seconds",
+            "Unix time the ingestor last reached the broker (records fetched or end offsets "
+            "read); its start time until then", registry=r)
+        self.ingest_lag_timestamp = Gauge(
+            "gnp_ingest_lag_timestamp_seconds",
+            "Unix time the end offsets behind gnp_ingest_lag_messages were read", registry=r)
         self.store_buffered = Gauge(
             "gnp_store_buffered_samples",
             "Samples not yet trained on (open buffer plus sealed, untrained chunks)", registry=r)

@@ -100,7 +100,8 @@ class _Progress:
 def produce(bootstrap: str, topic: str, messages: Iterable[Message], rate: float | None = None,
             *, limit: int | None = None, progress: TextIO | None = None,
             producer: Any = None, sleep: Callable[[float], None] = time.sleep,
-            clock: Callable[[], float] = time.monotonic) -> int:
+            clock: Callable[[], float] = time.monotonic,
+            client_config: dict[str, Any] | None = None) -> int:
     """Send messages to ``topic`` and wait until all are acknowledged.
 
     Args:
@@ -111,6 +112,8 @@ def produce(bootstrap: str, topic: str, messages: Iterable[Message], rate: float
         limit: send at most this many.
         progress: stream for a progress line every 2 s (e.g. ``sys.stderr``); None = quiet.
         producer: a KafkaProducer-like object to use instead of creating one.
+        client_config: extra KafkaProducer arguments, e.g. the security options of
+            ``KafkaSettings.client_kwargs()`` (``bootstrap`` wins over theirs).
 
     Returns:
         Number of messages acknowledged by the broker.
@@ -127,8 +130,9 @@ def produce(bootstrap: str, topic: str, messages: Iterable[Message], rate: float
     if own:
         from kafka import KafkaProducer
 
-        producer = KafkaProducer(bootstrap_servers=bootstrap, client_id="gnpd-producer",
-                                 linger_ms=20, batch_size=512 * 1024, acks=1)
+        config = {**(client_config or {}), "bootstrap_servers": bootstrap}
+        producer = KafkaProducer(client_id="gnpd-producer", linger_ms=20,
+                                 batch_size=512 * 1024, acks=1, **config)
     failures: list[BaseException] = []
     meter = _Progress(progress)
     start, sent = clock(), 0
@@ -194,7 +198,8 @@ def run_produce(args: argparse.Namespace) -> int:
                                     seed=args.seed, root=args.data_root)
     try:
         sent = produce(bootstrap, args.topic or kafka.topic, messages, args.rate,
-                       limit=args.limit, progress=None if args.quiet else sys.stderr)
+                       limit=args.limit, progress=None if args.quiet else sys.stderr,
+                       client_config=kafka.client_kwargs())
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

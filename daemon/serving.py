@@ -8,39 +8,51 @@ Endpoints (see :func:`create_app`)::
     GET  /readyz      200 once a model is served, else 503
     GET  /metrics     Prometheus text format
 
+With ``GNPD_SERVE__API_TOKEN`` set, ``/v1/*`` need ``Authorization: Bearer <token>``
+(:mod:`daemon.auth`); the probes and ``/metrics`` stay open, and the generated API
+docs (``/docs``, ``/openapi.json``) are switched off.
+
+Load cannot take the process down or starve the probes: a predict body over
+``max_body_bytes`` is refused (413) from its Content-Length or while it streams in,
+never read whole; JSON nesting is bounded (400); parsing and inference run on a
+small executor of ``predict_workers`` threads, with at most twice that many bodies
+in memory, while ``/healthz``, ``/readyz`` and ``/metrics`` answer on the event loop.
+
 :class:`HttpServer` runs uvicorn in a background thread on a socket it binds itself, so
 the bound port is known (port 0 picks a free one) and bind errors surface at once.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
-import math
 import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 
-from daemon.messages import may_hold_bools, numeric_array
+from daemon.auth import Dependency, require_token
+from daemon.messages import (load_json, matches_input_shape, may_hold_bools, numeric_array,
+                             shape_rule)
 from daemon.metrics import Metrics
 from daemon.registry import ModelVersion, NoModelError, ServedModel
+from daemon.settings import ServeSettings
 
 __all__ = ["MAX_INSTANCES", "HttpServer", "PredictRequest", "create_app"]
 
 log = logging.getLogger(__name__)
 
 MAX_INSTANCES = 1024
-MAX_BODY_BYTES = 64 * 2**20
 
 
 class PredictRequest(BaseModel):
@@ -48,7 +60,8 @@ class PredictRequest(BaseModel):
 
     instances: list[Any] = Field(
         description="Instances to classify; each is a flat list of numbers or a nested list "
-                    "of the model's input shape (pixels scaled to 0..1).")
+                    "of the model's input shape, size-1 dimensions optional (a 28x28 list "
+                    "for [1, 28, 28]); pixels scaled to 0..1.")
 
 
 _PREDICT_OPENAPI = {"requestBody": {"required": True, "content": {
@@ -59,11 +72,35 @@ class _BadRequest(ValueError):
     """A predict request that cannot be answered as sent (HTTP 400)."""
 
 
-def _parse(body: bytes, input_shape: tuple[int, ...], limit: int) -> np.ndarray:
+class _TooLarge(ValueError):
+    """A predict body over the limit (HTTP 413)."""
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
+    """The request body, refused (_TooLarge) as soon as it is known to exceed ``limit``.
+
+    A Content-Length over the limit is refused before reading anything; a chunked body
+    is refused once the bytes read so far pass the limit, so at most ``limit`` bytes
+    (plus one network chunk) are ever held.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge(f"request body of {int(declared)} bytes is over the limit of {limit} "
+                        f"bytes (GNPD_SERVE__MAX_BODY_BYTES): send fewer instances")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _TooLarge(f"request body is over the limit of {limit} bytes "
+                            f"(GNPD_SERVE__MAX_BODY_BYTES): send fewer instances")
+    return body
+
+
+def _parse(body: bytes | bytearray, input_shape: tuple[int, ...], limit: int) -> np.ndarray:
     """The body's instances as float32 (N, *input_shape); raises _BadRequest naming the problem."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+        doc = load_json(body)
+    except ValueError as e:  # invalid JSON or nested too deeply
         raise _BadRequest(f"body is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
         raise _BadRequest('body must be a JSON object {"instances": [instance, ...]}')
@@ -77,13 +114,10 @@ def _parse(body: bytes, input_shape: tuple[int, ...], limit: int) -> np.ndarray:
             arr = numeric_array(instances, may_hold_bools(body)).astype(np.float32)
     except ValueError as e:
         raise _BadRequest(f"instances must be lists of numbers, all of the same shape "
-                          f"{list(input_shape)} or flat with {math.prod(input_shape)} values "
-                          f"({e})") from None
-    size = math.prod(input_shape)
-    if arr.ndim < 2 or math.prod(arr.shape[1:]) != size or (
-            arr.ndim > 2 and tuple(arr.shape[1:]) != input_shape):
-        raise _BadRequest(f"each instance must have shape {list(input_shape)} or be flat with "
-                          f"{size} values; got instances of shape {list(arr.shape[1:])}")
+                          f"{shape_rule(input_shape)} ({e})") from None
+    if arr.ndim < 2 or not matches_input_shape(arr.shape[1:], input_shape):
+        raise _BadRequest(f"each instance must have shape {shape_rule(input_shape)}; "
+                          f"got instances of shape {list(arr.shape[1:])}")
     if not np.isfinite(arr).all():
         raise _BadRequest("instances contain non-finite values (NaN or infinity)")
     return arr.reshape(arr.shape[0], *input_shape)
@@ -102,7 +136,8 @@ def _version_summary(v: ModelVersion) -> dict[str, Any]:
 
 def create_app(served: ServedModel, metrics: Metrics,
                history: Callable[[], list[ModelVersion]] = list,
-               max_instances: int = MAX_INSTANCES) -> FastAPI:
+               max_instances: int = MAX_INSTANCES, *,
+               serve: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application answering from ``served``.
 
     Args:
@@ -110,14 +145,22 @@ def create_app(served: ServedModel, metrics: Metrics,
         metrics: records predict requests and latency; ``/metrics`` exports its registry.
         history: returns every saved version (for ``/v1/model``).
         max_instances: most instances per predict request.
+        serve: API token, body limit and predict threads (defaults: ``ServeSettings()``).
+
+    ``app.state.require_token`` is the token dependency, for endpoints added later.
     """
-    app = FastAPI(title="gnpd", summary="Continual-learning model server (grow and prune)")
-    _add_predict(app, served, metrics, max_instances)
-    _add_status(app, served, metrics, history)
+    serve = serve if serve is not None else ServeSettings()
+    closed = serve.api_token is not None
+    app = FastAPI(title="gnpd", summary="Continual-learning model server (grow and prune)",
+                  **({"docs_url": None, "redoc_url": None, "openapi_url": None} if closed else {}))
+    app.state.require_token = auth = require_token(serve.api_token)
+    _add_predict(app, served, metrics, max_instances, serve, auth)
+    _add_status(app, served, metrics, history, auth)
     return app
 
 
-def _answer(served: ServedModel, body: bytes, limit: int) -> tuple[int, dict[str, Any]]:
+def _answer(served: ServedModel, body: bytes | bytearray,
+            limit: int) -> tuple[int, dict[str, Any]]:
     """HTTP status and JSON payload of one predict request."""
     try:
         x = _parse(body, served.input_shape, limit)
@@ -130,16 +173,27 @@ def _answer(served: ServedModel, body: bytes, limit: int) -> tuple[int, dict[str
                  "model_version": version}
 
 
-def _add_predict(app: FastAPI, served: ServedModel, metrics: Metrics, limit: int) -> None:
-    @app.post("/v1/predict", openapi_extra=_PREDICT_OPENAPI)
+def _add_predict(app: FastAPI, served: ServedModel, metrics: Metrics, limit: int,
+                 serve: ServeSettings, auth: Dependency) -> None:
+    # Its own bounded executor: predict load cannot take the threads other endpoints use.
+    pool = ThreadPoolExecutor(serve.predict_workers, thread_name_prefix="gnpd-predict")
+    slots = asyncio.Semaphore(2 * serve.predict_workers)  # bodies held in memory at once
+    app.state.predict_pool = pool
+
+    @app.post("/v1/predict", openapi_extra=_PREDICT_OPENAPI, dependencies=[Depends(auth)])
     async def predict(request: Request) -> JSONResponse:
         """Classify instances; every answer comes from the one model version it names."""
         start = time.perf_counter()
-        code, payload = 400, {"detail": "request body too large"}
+        code, payload = 500, {"detail": "internal error"}
         try:
-            body = await request.body()
-            if len(body) <= MAX_BODY_BYTES:  # parse and infer off the event loop
-                code, payload = await run_in_threadpool(_answer, served, body, limit)
+            async with slots:
+                body = await _read_body(request, serve.max_body_bytes)
+                code, payload = await asyncio.get_running_loop().run_in_executor(
+                    pool, _answer, served, body, limit)
+        except _TooLarge as e:
+            code, payload = 413, {"detail": str(e)}
+        except ClientDisconnect:
+            code, payload = 400, {"detail": "the client went away before sending the body"}
         finally:
             metrics.predict_requests.labels(status="ok" if code == 200 else "error").inc()
             metrics.predict_duration.observe(time.perf_counter() - start)
@@ -147,8 +201,8 @@ def _add_predict(app: FastAPI, served: ServedModel, metrics: Metrics, limit: int
 
 
 def _add_status(app: FastAPI, served: ServedModel, metrics: Metrics,
-                history: Callable[[], list[ModelVersion]]) -> None:
-    @app.get("/v1/model")
+                history: Callable[[], list[ModelVersion]], auth: Dependency) -> None:
+    @app.get("/v1/model", dependencies=[Depends(auth)])
     def model_info() -> JSONResponse:
         """The served version, its accuracy, size and cost, and the update history."""
         v = served.version
@@ -160,13 +214,15 @@ def _add_status(app: FastAPI, served: ServedModel, metrics: Metrics,
                     history=[_version_summary(h) for h in history()])
         return JSONResponse(info)
 
+    # The probes and /metrics are `async def`: they run on the event loop itself, so no
+    # thread pool that request load can fill ever delays them.
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
     @app.get("/readyz")
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         """Readiness: 200 once a model is served."""
         v = served.version
         if v is None:
@@ -174,7 +230,7 @@ def _add_status(app: FastAPI, served: ServedModel, metrics: Metrics,
         return JSONResponse({"ready": True, "model_version": v.version})
 
     @app.get("/metrics")
-    def prometheus() -> Response:
+    async def prometheus() -> Response:
         """Prometheus exposition of the daemon's metrics."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -199,6 +255,7 @@ class HttpServer:
             self._sock.close()
             raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
         self.host = host
+        self._app = app
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=5, lifespan="off")
@@ -233,6 +290,9 @@ class HttpServer:
         if self._thread.is_alive():
             self._thread.join(timeout)
         self._sock.close()
+        pool = getattr(self._app.state, "predict_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> HttpServer:
         self.start()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as _SourceError
 
@@ -32,6 +34,8 @@ __all__ = [
 
 ENV_PREFIX = "GNPD_"
 _NESTED = "__"
+_MIN_TOKEN = 16
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
 class _Section(BaseModel):
@@ -39,8 +43,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
 class KafkaSettings(_Section):
-    """Where samples come from and where rejected messages go."""
+    """Where samples come from and where rejected messages go, and how to authenticate."""
 
     bootstrap_servers: str = Field(
         "", description="host:port[,host:port]; empty = start the embedded Tansu broker")
@@ -52,11 +60,103 @@ class KafkaSettings(_Section):
         1_000_000, gt=0, description="larger messages are dead-lettered as too_large")
     topic_partitions: int = Field(
         1, gt=0, description="partitions of the topic when gnpd has to create it")
+    security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT", description="how every Kafka client connects: TLS (SSL), SASL, or both")
+    sasl_mechanism: SaslMechanism | None = Field(
+        None, description="SASL mechanism; required with SASL_PLAINTEXT and SASL_SSL")
+    sasl_username: str | None = Field(None, description="SASL user (with SASL_* protocols)")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (with SASL_* protocols; from a Secret)")
+    ssl_cafile: Path | None = Field(
+        None, description="PEM file of the CA(s) that signed the brokers' certificates "
+                          "(default: the system's trust store); SSL and SASL_SSL only")
+    ssl_certfile: Path | None = Field(
+        None, description="PEM client certificate for mutual TLS (may hold the key too)")
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile")
+
+    @field_validator("topic", "dlq_topic")
+    @classmethod
+    def _legal_topic(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_topic_name(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_topics(self) -> KafkaSettings:
+        dlq = self.effective_dlq_topic
+        if dlq == self.topic:
+            raise ValueError(f"GNPD_KAFKA__DLQ_TOPIC is the input topic {dlq!r}: rejected "
+                             f"messages would be read again forever; use e.g. {dlq + '.dlq'!r}")
+        if self.dlq_topic is None:  # '<topic>.dlq' may be too long
+            _check_topic_name(dlq, "the default dead-letter topic (set GNPD_KAFKA__DLQ_TOPIC)")
+        return self
+
+    @field_validator("security_protocol", "sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} does not exist or is not a file")
+        return value
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        env, protocol = "GNPD_KAFKA__", self.security_protocol
+        sasl = {"SASL_MECHANISM": self.sasl_mechanism, "SASL_USERNAME": self.sasl_username,
+                "SASL_PASSWORD": self.sasl_password}
+        ssl = {"SSL_CAFILE": self.ssl_cafile, "SSL_CERTFILE": self.ssl_certfile,
+               "SSL_KEYFILE": self.ssl_keyfile}
+        if protocol.startswith("SASL_"):
+            missing = [env + k for k, v in sasl.items() if not v]
+            if missing:
+                raise ValueError(f"{env}SECURITY_PROTOCOL={protocol} needs {', '.join(missing)}")
+        elif any(sasl.values()):
+            raise ValueError(f"{', '.join(env + k for k, v in sasl.items() if v)} set, but "
+                             f"{env}SECURITY_PROTOCOL is {protocol}: use SASL_SSL or "
+                             f"SASL_PLAINTEXT")
+        if protocol not in ("SSL", "SASL_SSL") and any(ssl.values()):
+            raise ValueError(f"{', '.join(env + k for k, v in ssl.items() if v)} set, but "
+                             f"{env}SECURITY_PROTOCOL is {protocol}: use SSL or SASL_SSL")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError(f"{env}SSL_KEYFILE needs {env}SSL_CERTFILE (the certificate)")
+        return self
 
     @property
     def effective_dlq_topic(self) -> str:
         """The dead-letter topic actually used: ``dlq_topic`` or ``<topic>.dlq``."""
         return self.dlq_topic or f"{self.topic}.dlq"
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Broker address and security options for every kafka-python client gnpd makes.
+
+        The consumer, the dead-letter producer, the admin client and the reference
+        producer all take these, so one setting secures them all.
+        """
+        kwargs: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers,
+                                  "security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL_"):
+            assert self.sasl_password is not None  # checked by _check_security
+            kwargs.update(sasl_mechanism=self.sasl_mechanism,
+                          sasl_plain_username=self.sasl_username,
+                          sasl_plain_password=self.sasl_password.get_secret_value())
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None:
+                kwargs[name] = str(path)
+        return kwargs
+
+
+def _check_topic_name(name: str, what: str = "") -> None:
+    """Kafka's rule for topic names (kafka.common.internals.Topic.validate)."""
+    if not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+        shown = repr(name) if len(name) <= 60 else f"{name[:40]!r}... ({len(name)} characters)"
+        raise ValueError(f"{what + ' ' if what else ''}{shown} is not a legal Kafka topic name: "
+                         f"1 to 249 characters from a-z, A-Z, 0-9, '.', '_' and '-', "
+                         f"and not '.' or '..'")
 
 
 class StoreSettings(_Section):
@@ -115,6 +215,33 @@ class ServeSettings(_Section):
 
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any free port)")
+    max_body_bytes: int = Field(
+        16 * 2**20, gt=0,
+        description="largest POST /v1/predict body; larger ones get 413 without being read "
+                    "(Content-Length checked up front, chunked bodies while streaming)")
+    api_token: SecretStr | None = Field(
+        None,
+        description="bearer token every endpoint but /healthz, /readyz and /metrics requires "
+                    "(Authorization: Bearer ...); unset = the API is open. From a Secret")
+    predict_workers: int = Field(
+        2, ge=1, le=64,
+        description="threads that parse and run predict requests; at most twice as many "
+                    "requests hold a body in memory, the others wait (health checks never do)")
+
+
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # An empty key of a Kubernetes Secret arrives as "": that means "no token".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < _MIN_TOKEN:
+            raise ValueError(f"the API token must be at least {_MIN_TOKEN} characters "
+                             f"(e.g. the output of `openssl rand -hex 32`)")
+        return value
 
 
 class TrainSettings(_Section):

@@ -40,7 +40,8 @@ import pyarrow.ipc as ipc
 
 from daemon.messages import Sample
 
-__all__ = ["CHUNK_SCHEMA_VERSION", "ChunkInfo", "ChunkStore", "chunk_schema", "val_mask"]
+__all__ = ["CHUNK_SCHEMA_VERSION", "ChunkInfo", "ChunkStore", "UnstorableError", "chunk_schema",
+           "val_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,21 @@ class ChunkInfo:
     rows: int
     offsets: dict[int, tuple[int, int]]
     created: float
+
+
+class UnstorableError(ValueError):
+    """A seal failed because some samples cannot be encoded into a chunk (not an I/O error).
+
+    ``bad`` lists each such sample with the encoder's error, found by bisecting the chunk;
+    it is empty when no single sample fails alone. Nothing became durable; the samples
+    are back in the open buffer.
+    """
+
+    def __init__(self, bad: list[tuple[Sample, str]], cause: BaseException) -> None:
+        where = ", ".join(f"partition {s.partition} offset {s.offset}" for s, _ in bad[:5])
+        super().__init__(f"cannot encode a chunk ({type(cause).__name__}: {cause}); "
+                         f"unstorable: {where or 'no single sample'}")
+        self.bad = bad
 
 
 def chunk_schema(input_size: int) -> pa.Schema:
@@ -246,7 +262,7 @@ class ChunkStore:
         chunk_id = self._chunks[-1].id + 1 if self._chunks else 1
         final = self.path / _CHUNK_DIR / f"chunk-{chunk_id:06d}.arrow"
         try:
-            table = self._to_table(samples)
+            table = self._encode(samples)
             _write_atomic(final, lambda f: _write_ipc(f, table))
             info = ChunkInfo(chunk_id, final, len(samples), _offset_ranges(table), time.time())
             next_offsets = dict(self._consumed)
@@ -258,6 +274,24 @@ class ChunkStore:
             self._chunks.append(info)
             self._next = next_offsets
         return info
+
+    def _encode(self, samples: list[Sample]) -> pa.Table:
+        """:meth:`_to_table`, or UnstorableError naming the samples that cannot be encoded."""
+        try:
+            return self._to_table(samples)
+        except Exception as exc:  # noqa: BLE001 - any encoder failure: find who caused it
+            raise UnstorableError(self._unstorable(samples), exc) from exc
+
+    def _unstorable(self, samples: list[Sample]) -> list[tuple[Sample, str]]:
+        """The samples that fail to encode on their own, by bisection (k log n encodes)."""
+        try:
+            self._to_table(samples)
+            return []
+        except Exception as exc:  # noqa: BLE001
+            if len(samples) == 1:
+                return [(samples[0], f"{type(exc).__name__}: {exc}")]
+        mid = len(samples) // 2
+        return self._unstorable(samples[:mid]) + self._unstorable(samples[mid:])
 
     def _to_table(self, samples: list[Sample]) -> pa.Table:
         n = len(samples)

@@ -40,6 +40,7 @@ BAD = {  # reason -> a message that must be rejected for it
     "too_large": b'{"id": "bad/large", "features": [0.1, 0.2, 0.3, 0.4], "label": 1, "pad": "'
                  + b"x" * 3000 + b'"}',
     "bad_type": b'{"id": "bad/type", "features": [0.1, 0.2, 0.3, 0.4], "label": true}',
+    "unstorable": b'{"id": "\\udfff", "features": [0.1, 0.2, 0.3, 0.4], "label": 1}',
 }
 
 
@@ -106,7 +107,7 @@ def test_good_stored_bad_dead_lettered(kafka_bootstrap: str, make_topic, tmp_pat
     topic = make_topic(partitions=2)
     values, good_ids = [], []
     bad = list(BAD.items())
-    for i in range(20):  # 20 good (4 chunks) with the 8 bad kinds interleaved on both partitions
+    for i in range(20):  # 20 good (4 chunks) with the 9 bad kinds interleaved on both partitions
         values.append((i % 2, good(i)))
         good_ids.append(f"good/{i}")
         if i < len(bad):
@@ -126,7 +127,7 @@ def test_good_stored_bad_dead_lettered(kafka_bootstrap: str, make_topic, tmp_pat
     assert sorted(stored_ids(store)) == sorted(good_ids)
     assert [c.id for c in sealed] == [1, 2, 3, 4] and store.buffered == 0
     assert ing.stats.stored == 20 and ing.stats.rejected == len(BAD)
-    assert store.next_offsets() == {0: 14, 1: 14}  # every consumed record, bad ones included
+    assert store.next_offsets() == {0: 14, 1: 15}  # every consumed record, bad ones included
 
     dead = read_all(kafka_bootstrap, kafka.effective_dlq_topic, len(BAD))
     by_reason = {dict(r.headers)["reason"].decode(): r for r in dead}
@@ -135,7 +136,7 @@ def test_good_stored_bad_dead_lettered(kafka_bootstrap: str, make_topic, tmp_pat
         headers = dict(record.headers)
         assert headers["detail"] and headers["source_topic"] == topic.encode()
         src = (int(headers["source_partition"]), int(headers["source_offset"]))
-        assert src in {(p, o) for p in (0, 1) for o in range(14)}
+        assert src in {(p, o) for p in (0, 1) for o in range(15)}
         if reason == "too_large":
             assert record.value == BAD[reason][:2000] and int(headers["truncated"]) > 2000
         else:
@@ -148,7 +149,7 @@ def test_good_stored_bad_dead_lettered(kafka_bootstrap: str, make_topic, tmp_pat
     assert value("gnp_store_chunks") == 4
     for p in ("0", "1"):
         assert value("gnp_ingest_lag_messages", {"partition": p}) == 0
-    assert committed(kafka_bootstrap, kafka.group_id, topic, 2) == {0: 14, 1: 14}
+    assert committed(kafka_bootstrap, kafka.group_id, topic, 2) == {0: 14, 1: 15}
 
 
 def test_commit_only_after_seal_and_restart_resumes(kafka_bootstrap: str, make_topic,
@@ -225,7 +226,7 @@ def test_failed_dead_letter_blocks_the_seal(kafka_bootstrap: str, make_topic, tm
     kafka = settings(kafka_bootstrap, topic)
     store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
     with monkeypatch.context() as patch:
-        patch.setattr("daemon.ingest.KafkaProducer", _BrokenDeadLetterProducer)
+        patch.setattr("daemon.kafka_clients.KafkaProducer", _BrokenDeadLetterProducer)
         broken = ingestor(kafka, store, max_backoff=0.1)
         broken.start()
         _wait(lambda: broken.stats.errors >= 2, "retries")
@@ -383,11 +384,23 @@ def _produce_slowly(bootstrap: str, topic: str, values: list[tuple[int, bytes]],
 
 def _kill_repeatedly(start: Callable[[], subprocess.Popen], rng: random.Random,
                      done: threading.Event, store_dir: Path) -> list[int]:
-    """Start and SIGKILL the worker until production ends (6 times at least)."""
-    rows_at_kill: list[int] = []
+    """Start and SIGKILL the worker until production ends (6 times at least).
+
+    The kill points are drawn around the worker's start-up time (its first seal), measured
+    on the first run: about 1 s on an idle machine but several on a loaded one, where fixed
+    delays killed every worker before it sealed anything.
+    """
+    proc, t0 = start(), time.monotonic()
+    deadline = t0 + 30
+    while _manifest_rows(store_dir) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    startup = time.monotonic() - t0
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rows_at_kill = [_manifest_rows(store_dir)]
     while len(rows_at_kill) < 6 or not done.is_set():
         proc = start()
-        time.sleep(rng.uniform(0.8, 2.0))  # ~1 s of it is start-up
+        time.sleep(rng.uniform(0.8 * startup, startup + 1.2))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         rows_at_kill.append(_manifest_rows(store_dir))
@@ -406,3 +419,243 @@ def _bad_coordinates(bootstrap: str, topic: str, total: int) -> set[tuple[int, i
     records = read_all(bootstrap, topic, total)
     assert len(records) == total
     return {(r.partition, r.offset) for r in records if r.value == BAD["bad_label"]}
+
+
+# ---- issue 8, item 1: a value that cannot be stored ------------------------------------------
+
+SURROGATE = b'{"id": "\\ud800", "features": [0.1, 0.2, 0.3, 0.4], "label": 1}'  # valid JSON
+
+
+def _dead_letters(bootstrap: str, kafka: KafkaSettings, n: int) -> list:
+    return read_all(bootstrap, kafka.effective_dlq_topic, n)
+
+
+def test_lone_surrogate_id_is_dead_lettered_and_ingestion_goes_on(
+        kafka_bootstrap: str, make_topic, tmp_path: Path) -> None:
+    """Before: the id passed validation, every seal failed to encode it, forever."""
+    topic = make_topic(partitions=1)
+    send(kafka_bootstrap, topic,
+         [(0, good(0)), (0, SURROGATE)] + [(0, good(i)) for i in range(1, 2 * CHUNK)])
+    metrics = Metrics()
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    kafka = settings(kafka_bootstrap, topic)
+    ing = ingestor(kafka, store, metrics=metrics)
+    try:
+        drain(ing, lambda: len(store.chunks()) == 2, timeout=20)
+    finally:
+        ing.stop()
+    assert stored_ids(store) == [f"good/{i}" for i in range(2 * CHUNK)]
+    assert store.next_offsets() == {0: 2 * CHUNK + 1}
+    (dead,) = _dead_letters(kafka_bootstrap, kafka, 1)
+    headers = dict(dead.headers)
+    assert dead.value == SURROGATE and headers["reason"] == b"unstorable"
+    assert b"surrogate" in headers["detail"] and headers["source_offset"] == b"1"
+    assert metrics.registry.get_sample_value("gnp_ingest_rejected_total",
+                                             {"reason": "unstorable"}) == 1
+
+
+def test_a_seal_that_fails_dead_letters_the_record_and_goes_on(
+        kafka_bootstrap: str, make_topic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safety net behind validation: a sample the store cannot encode is found by
+    bisecting the chunk, dead-lettered with its original bytes, and ingestion goes on."""
+    import daemon.messages
+
+    monkeypatch.setattr(daemon.messages, "_check_id", lambda value: value)  # a validation gap
+    topic = make_topic(partitions=2)
+    values = [(i % 2, good(i)) for i in range(3 * CHUNK)]
+    values.insert(7, (1, SURROGATE))
+    values.insert(2, (0, SURROGATE))
+    send(kafka_bootstrap, topic, values)
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    kafka = settings(kafka_bootstrap, topic)
+    metrics = Metrics()
+    ing = ingestor(kafka, store, metrics=metrics)
+    try:
+        drain(ing, lambda: len(store.chunks()) == 3, timeout=30)
+    finally:
+        ing.stop()
+    assert sorted(stored_ids(store)) == sorted(f"good/{i}" for i in range(3 * CHUNK))
+    dead = _dead_letters(kafka_bootstrap, kafka, 2)
+    assert sorted((int(dict(r.headers)["source_partition"]), r.value) for r in dead) == \
+        [(0, SURROGATE), (1, SURROGATE)]
+    for record in dead:
+        headers = dict(record.headers)
+        assert headers["reason"] == b"unstorable"
+        assert headers["detail"].startswith(b"the store cannot encode it: UnicodeEncodeError")
+    assert ing.stats.errors == 0  # handled in place: no reconnect, no backoff
+    assert metrics.registry.get_sample_value("gnp_ingest_rejected_total",
+                                             {"reason": "unstorable"}) == 2
+
+
+# ---- issue 8, item 9: dead-letter sends that cannot succeed ------------------------------------
+
+_DLQ_LIMIT = 100_000  # the dead-letter topic's max.message.bytes in the test below
+
+
+class _Refused:
+    """A send future the broker answered MESSAGE_SIZE_TOO_LARGE."""
+
+    def __init__(self, size: int) -> None:
+        from kafka.errors import MessageSizeTooLargeError
+
+        self.exception = MessageSizeTooLargeError(f"{size} bytes")
+
+    def failed(self) -> bool:
+        return True
+
+
+class _SmallDeadLetterTopic(KafkaProducer):
+    """The real producer, whose dead-letter topic refuses records over _DLQ_LIMIT bytes as a
+    Kafka broker does for a topic with a smaller max.message.bytes (Tansu enforces none)."""
+
+    def send(self, topic, value=None, headers=None, **kw):
+        size = len(value or b"") + sum(len(k) + len(v) for k, v in headers or [])
+        if topic.endswith(".dlq") and size > _DLQ_LIMIT:
+            return _Refused(size)
+        return super().send(topic, value=value, headers=headers, **kw)
+
+
+def _padded(label: int, size: int) -> bytes:
+    head = b'{"id": "big", "features": [0.1, 0.2, 0.3, 0.4], "label": %d, "pad": "' % label
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def test_a_reject_too_large_for_the_dead_letter_topic_is_sent_truncated(
+        kafka_bootstrap: str, make_topic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the DLQ send failed, the seal waited for it, and ingestion stopped for good."""
+    topic = make_topic(partitions=1)
+    bad_label, too_large = _padded(7, 150_000), _padded(1, 300_000)
+    values = [(0, good(0)), (0, bad_label), (0, good(1)), (0, too_large), (0, BAD["bad_shape"])]
+    send(kafka_bootstrap, topic, values + [(0, good(i)) for i in range(2, CHUNK)])
+    monkeypatch.setattr("daemon.kafka_clients.KafkaProducer", _SmallDeadLetterTopic)
+    kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap, topic=topic, group_id=f"g-{topic}",
+                          poll_timeout_ms=100, max_message_bytes=200_000)
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    ing = ingestor(kafka, store)
+    try:
+        drain(ing, lambda: len(store.chunks()) == 1, timeout=20)
+    finally:
+        ing.stop()
+    assert sorted(stored_ids(store)) == sorted(f"good/{i}" for i in range(CHUNK))
+    dead = {int(dict(r.headers)["source_offset"]): r
+            for r in read_all(kafka_bootstrap, kafka.effective_dlq_topic, 3)}
+    assert sorted(dead) == [1, 3, 4]
+    for offset, raw, reason in ((1, bad_label, b"bad_label"), (3, too_large, b"too_large")):
+        headers = dict(dead[offset].headers)
+        assert headers["reason"] == reason and headers["truncated"] == str(len(raw)).encode()
+        assert dead[offset].value == raw[:64 * 1024]  # cut to what the topic accepts
+    assert dead[4].value == BAD["bad_shape"] and "truncated" not in dict(dead[4].headers)
+
+
+# ---- issue 8, item 3: a high-watermark dip is waited out, never rebased ------------------------
+
+def test_a_high_watermark_dip_is_waited_out_not_rebased(
+        kafka_bootstrap: str, make_topic, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """After a leader change the new leader's high watermark can lag our position for a
+    while. Before, the ingestor took that for a recreated topic, rebased to the start and
+    stored every retained message again."""
+    import numpy as np
+
+    from daemon.messages import Sample
+
+    topic = make_topic(partitions=1)
+    send(kafka_bootstrap, topic, [(0, good(i)) for i in range(CHUNK)])
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    kafka = settings(kafka_bootstrap, topic)
+    first = ingestor(kafka, store)
+    drain(first, lambda: len(store.chunks()) == 1)
+    first.stop()
+    # We had read offsets 5..7 from the old leader (stored with a seal); the new leader's
+    # high watermark is still 5: our saved position, 8, is above it.
+    store.append([Sample(np.zeros(4, np.float32), 0, 0, o, f"old-leader/{o}") for o in (5, 6, 7)])
+    store.flush()
+    assert store.next_offsets() == {0: 8}
+
+    metrics = Metrics()
+    ing = ingestor(kafka, store, metrics=metrics, dip_recheck_interval=0.2)
+    try:
+        with caplog.at_level("WARNING", logger="daemon.offsets"):
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:  # the dip lasts 3 s
+                ing.poll_once(100)
+        assert store.positions() == {0: 8} and store.buffered == 0  # waited, not rebased
+        assert ing._watch.dipped == [0]  # noqa: SLF001
+        assert any("below our position 8" in r.message and "not rebasing" in r.message
+                   for r in caplog.records)
+        # the new leader catches up (5..7) and new records arrive (8..12)
+        send(kafka_bootstrap, topic, [(0, good(100 + i)) for i in range(3 + CHUNK)])
+        drain(ing, lambda: len(store.chunks()) == 3)
+    finally:
+        ing.stop()
+    ids = stored_ids(store)
+    assert len(ids) == len(set(ids)) == 3 * CHUNK - 2, ids  # nothing stored twice
+    assert ids[-CHUNK:] == [f"good/{100 + i}" for i in range(3, 3 + CHUNK)]
+    assert ing._watch.dipped == [] and ing.stats.skipped == 0  # noqa: SLF001
+    assert metrics.registry.get_sample_value("gnp_ingest_samples_total") == CHUNK
+
+
+# ---- issue 8, item 11: ingest health ----------------------------------------------------------
+
+def _gauge(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_a_broker_outage_shows_in_the_health_gauges(tmp_path: Path) -> None:
+    """The broker is frozen (SIGSTOP) and thawed: gnp_ingest_connected drops to 0, the last
+    successful poll and the lag's end offsets visibly age, and all recover afterwards."""
+    broker = EmbeddedBroker().start()
+    metrics = Metrics()
+    store = ChunkStore(tmp_path, CHUNK, SHAPE, 0.2)
+    ing = Ingestor(settings(broker.bootstrap_servers, "samples"), store, input_shape=SHAPE,
+                   num_classes=CLASSES, metrics=metrics, lag_interval=0.5, max_backoff=1.0)
+    connected = lambda: _gauge(metrics, "gnp_ingest_connected")  # noqa: E731
+    ing.start()
+    try:
+        send(broker.bootstrap_servers, "samples", [(0, good(i)) for i in range(CHUNK + 2)])
+        _wait(lambda: len(store.chunks()) == 1 and connected() == 1, "first chunk, connected")
+        assert _gauge(metrics, "gnp_ingest_lag_messages", partition="0") == 0
+        frozen = time.time()
+        broker._proc.send_signal(signal.SIGSTOP)  # noqa: SLF001 - freeze, keep the sockets
+        try:
+            _wait(lambda: connected() == 0, "connected == 0 during the outage", timeout=20)
+            last_poll = _gauge(metrics, "gnp_ingest_last_poll_timestamp_seconds")
+            lag_read = _gauge(metrics, "gnp_ingest_lag_timestamp_seconds")
+            assert last_poll < frozen + 1.0 and lag_read < frozen + 1.0
+            time.sleep(2.0)
+            assert _gauge(metrics, "gnp_ingest_last_poll_timestamp_seconds") == last_poll
+            assert _gauge(metrics, "gnp_ingest_lag_timestamp_seconds") == lag_read
+            assert connected() == 0
+        finally:
+            thawed = time.time()
+            broker._proc.send_signal(signal.SIGCONT)  # noqa: SLF001
+        _wait(lambda: connected() == 1, "connected again", timeout=30)
+        assert _gauge(metrics, "gnp_ingest_last_poll_timestamp_seconds") >= thawed
+        assert _gauge(metrics, "gnp_ingest_lag_timestamp_seconds") >= thawed
+        send(broker.bootstrap_servers, "samples", [(0, good(i)) for i in range(100, 103)])
+        _wait(lambda: len(store.chunks()) == 2, "a chunk after the outage")
+    finally:
+        broker._proc.send_signal(signal.SIGCONT)  # noqa: SLF001
+        assert ing.stop(timeout=15)
+        broker.stop()
+    assert len(set(stored_ids(store))) == 2 * CHUNK
+
+
+def test_re_reads_after_a_recovery_are_counted_apart_from_new_samples(
+        kafka_bootstrap: str, make_topic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every failed dead-letter flush makes the ingestor read from the last seal again; the
+    samples it reads again are re-reads, not new samples (before: counted again each time)."""
+    topic = make_topic(partitions=1)
+    values = [(0, good(0)), (0, good(1)), (0, BAD["bad_label"])] + \
+        [(0, good(i)) for i in range(2, 6)]
+    send(kafka_bootstrap, topic, values)
+    monkeypatch.setattr("daemon.kafka_clients.KafkaProducer", _BrokenDeadLetterProducer)
+    metrics = Metrics()
+    ing = ingestor(settings(kafka_bootstrap, topic), ChunkStore(tmp_path, CHUNK, SHAPE, 0.2),
+                   metrics=metrics, max_backoff=0.1)
+    ing.start()
+    _wait(lambda: ing.stats.errors >= 3 and ing.stats.reread >= 2 * len(values), "re-reads")
+    assert ing.stop()
+    assert _gauge(metrics, "gnp_ingest_samples_total") == 6
+    assert _gauge(metrics, "gnp_ingest_rejected_total", reason="bad_label") == 1
+    assert _gauge(metrics, "gnp_ingest_reread_total") == ing.stats.reread
+    assert ing.stats.consumed == len(values) + ing.stats.reread

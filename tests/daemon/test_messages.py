@@ -78,12 +78,43 @@ def test_missing_field(drop: str) -> None:
 
 
 @pytest.mark.parametrize("features", [
-    [0.5] * 5, [0.5] * 7, [], [[0.5] * 3, [0.5] * 3],  # (2, 3) is not (1, 2, 3)
+    [0.5] * 5, [0.5] * 7, [],
+    [[1, 2], [3, 4], [5, 6]],                            # (3, 2) is not (1, 2, 3)
+    [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]],            # 12 values
     [[[1, 2, 3], [4, 5]]],                               # ragged
     [[[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]],    # (2, 2, 3)
 ])
 def test_bad_shape(features) -> None:
     assert reason(msg(features=features)) == "bad_shape"
+
+
+@pytest.mark.parametrize("features", [
+    [1, 2, 3, 4, 5, 6],                                  # flat
+    [[[1, 2, 3], [4, 5, 6]]],                            # exactly (1, 2, 3)
+    [[1, 2, 3], [4, 5, 6]],                              # (2, 3): what a client naturally sends
+    [[[[1, 2, 3], [4, 5, 6]]]],                          # (1, 1, 2, 3)
+    [[[1, 2, 3]], [[4, 5, 6]]],                          # (2, 1, 3)
+    [[1, 2, 3, 4, 5, 6]],                                # (1, 6): flat once size-1 dims go
+    [[1], [2], [3], [4], [5], [6]],                      # (6, 1): flat too
+])
+def test_any_nesting_equal_to_the_input_shape_without_size_1_dims(features) -> None:
+    """Issue 8, item 12: a 28x28 list for input shape [1, 28, 28] was rejected."""
+    s = parse(msg(features=features))
+    assert isinstance(s, Sample), s
+    np.testing.assert_array_equal(s.features, [1, 2, 3, 4, 5, 6])
+
+
+def test_28x28_for_1x28x28_is_accepted() -> None:
+    image = np.arange(784, dtype=np.float64).reshape(28, 28) / 784
+    s = parse(msg(features=image.tolist()), shape=(1, 28, 28), max_bytes=100_000)
+    assert isinstance(s, Sample), s
+    np.testing.assert_array_equal(s.features, image.reshape(-1).astype(np.float32))
+
+
+def test_bad_shape_message_states_the_rule() -> None:
+    r = parse(msg(features=[[1, 2], [3, 4], [5, 6]]), shape=(1, 2, 3))
+    assert r.detail == ("features have shape [3, 2], expected [1, 2, 3] (size-1 dimensions "
+                        "optional, e.g. [2, 3]) or flat with 6 values")
 
 
 @pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e39", "-3.5e38"])
@@ -124,6 +155,19 @@ def test_bad_type(fields) -> None:
     assert reason(msg(**fields)) == "bad_type"
 
 
+@pytest.mark.parametrize("text", [r"\ud800", r"a\udfffb", r"\udc00\ud800"])
+def test_id_that_utf8_cannot_encode_is_unstorable(text: str) -> None:
+    """JSON allows lone UTF-16 surrogates; the store (Arrow, UTF-8) cannot hold them."""
+    r = parse('{"id": "' + text + '", "features": [0.5, 0.5, 0.5, 0.5, 0.5, 0.5], "label": 1}')
+    assert isinstance(r, Rejection) and r.reason == "unstorable", r
+    assert "surrogate" in r.detail
+
+
+def test_valid_unicode_ids_are_kept() -> None:
+    s = parse(msg(id="caf\u00e9/\U0001f600/\u0000"))
+    assert isinstance(s, Sample) and s.id == "caf\u00e9/\U0001f600/\u0000"
+
+
 def test_word_true_in_id_does_not_reject() -> None:
     assert isinstance(parse(msg(id="true-false")), Sample)
 
@@ -131,7 +175,8 @@ def test_word_true_in_id_does_not_reject() -> None:
 def test_every_reason_is_covered() -> None:
     seen = {reason(b"{"), reason(b"[]"), reason(b"{}"), reason(msg(features=[1])),
             reason(msg(features=[0, 0, 0, 0, 0, float("nan")])), reason(msg(label=9)),
-            reason(b"x" * 20_000), reason(msg(label="x"))}
+            reason(b"x" * 20_000), reason(msg(label="x")),
+            reason('{"id": "\\ud800", "features": [0, 0, 0, 0, 0, 0], "label": 1}')}
     assert seen == set(REJECT_REASONS)
 
 
@@ -159,8 +204,8 @@ def test_schema_agrees_with_parser_on_examples() -> None:
     lines = (SCHEMAS / "examples.jsonl").read_bytes().splitlines()
     results = [parse_message(line, 0, i, (1, 3, 4), 3, 1_000_000) for i, line in enumerate(lines)]
     assert [getattr(r, "reason", "ok") for r in results] == [
-        "ok", "ok", "bad_shape", "non_finite", "bad_label", "invalid_json"]
-    for line, result in zip(lines[:2], results[:2], strict=True):
+        "ok", "ok", "ok", "bad_shape", "non_finite", "bad_label", "invalid_json"]
+    for line, result in zip(lines[:3], results[:3], strict=True):
         assert isinstance(result, Sample)
         validator.validate(json.loads(line))
     validator.validate(json.loads((SCHEMAS / "example.json").read_text()))

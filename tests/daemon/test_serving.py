@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,10 +24,12 @@ import gnp
 from daemon.metrics import Metrics
 from daemon.registry import ModelRegistry, ModelVersion, ServedModel, UpdateCost
 from daemon.serving import MAX_INSTANCES, HttpServer, create_app
+from daemon.settings import ServeSettings
 
 pytestmark = pytest.mark.integration
 
 SHAPE = (1, 8, 8)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _version(n: int, **kw) -> ModelVersion:
@@ -222,3 +232,158 @@ def test_in_process_predictions_during_swaps_are_consistent():
     for t in threads:
         t.join()
     assert bad == [] and count[0] > 200
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (1, 1, 8, 8), (8, 1, 8), (1, 64), (64, 1)])
+def test_predict_accepts_the_input_shape_without_size_1_dims(server, shape):
+    """Issue 8, item 12: an 8x8 list for input shape [1, 8, 8] was refused (400)."""
+    _, served, _, _, client = server
+    torch.manual_seed(0)
+    served.publish(gnp.build_model("lenet-300-100", SHAPE, 10), _version(1))
+    x = np.random.default_rng(1).random((3, 64), dtype=np.float32)
+    flat = client.post("/v1/predict", json={"instances": x.tolist()})
+    r = client.post("/v1/predict", json={"instances": x.reshape(3, *shape).tolist()})
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"] == flat.json()["predictions"]
+    np.testing.assert_allclose(r.json()["probabilities"], flat.json()["probabilities"])
+
+
+def test_predict_shape_error_states_the_rule(server):
+    _, served, _, _, client = server
+    served.publish(gnp.build_model("lenet-300-100", SHAPE, 10), _version(1))
+    r = client.post("/v1/predict", json={"instances": [[[0.5] * 4] * 16]})
+    assert r.status_code == 400
+    assert r.json()["detail"] == ("each instance must have shape [1, 8, 8] (size-1 dimensions "
+                                  "optional, e.g. [8, 8]) or flat with 64 values; got instances "
+                                  "of shape [16, 4]")
+
+
+# ---- issue 8, item 4: body size, nesting depth, liveness under load ----------------------------
+
+_SERVER = textwrap.dedent("""
+    import sys
+    from daemon.metrics import Metrics
+    from daemon.registry import ServedModel
+    from daemon.serving import HttpServer, create_app
+    srv = HttpServer(create_app(ServedModel((1, 8, 8)), Metrics()), "127.0.0.1", 0)
+    srv.start()
+    print(srv.port, flush=True)
+    sys.stdin.read()  # serve until the test closes stdin
+""")
+
+
+def _peak_rss(pid: int) -> int:
+    """VmHWM (peak resident set) of a process, bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) * 1024
+
+
+def _post_raw(port: int, size: int, chunked: bool) -> tuple[bytes, int]:
+    """POST `size` bytes of '[' to /v1/predict; returns (status line, bytes sent).
+
+    Sends from this thread while another reads, so a response that comes before the
+    body is finished (the point of the test) is seen.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    sock.sendall(head + (b"Transfer-Encoding: chunked\r\n\r\n" if chunked
+                         else b"Content-Length: %d\r\n\r\n" % size))
+    answer = bytearray()
+
+    def read() -> None:
+        with contextlib.suppress(OSError):
+            while b"\r\n" not in answer and (data := sock.recv(4096)):
+                answer.extend(data)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    block, sent = b"[" * (1 << 20), 0
+    with contextlib.suppress(OSError):  # the server may close the connection on us
+        while sent < size and reader.is_alive():
+            sock.sendall(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+            sent += len(block)
+        if chunked and sent >= size:
+            sock.sendall(b"0\r\n\r\n")
+    reader.join(30)
+    sock.close()
+    return bytes(answer).split(b"\r\n")[0], sent
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_an_over_limit_body_is_refused_while_streaming(chunked: bool) -> None:
+    """A 256 MB body cost +516 MB RSS (read whole, then refused). Now: 413 from the
+    Content-Length before reading, or once the streamed bytes pass the limit."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env, cwd=REPO)
+    try:
+        port = int(proc.stdout.readline())
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            assert client.post("/v1/predict", json={"instances": [[0.5] * 64]}).status_code == 503
+            before = _peak_rss(proc.pid)
+            status, sent = _post_raw(port, 256 << 20, chunked)
+            grown = _peak_rss(proc.pid) - before
+            assert client.get("/healthz").status_code == 200
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+    limit = 16 << 20  # ServeSettings().max_body_bytes, the default
+    print(f"peak RSS grew {grown / 2**20:.1f} MiB for a 256 MiB body ({status.decode()})")
+    assert grown < limit + (16 << 20), f"peak RSS grew {grown >> 20} MiB for a 256 MiB body"
+    assert status == b"HTTP/1.1 413 Request Entity Too Large", status
+    assert limit == ServeSettings().max_body_bytes
+    assert sent < 256 << 20  # refused before the client finished sending
+
+
+def test_deep_nesting_is_a_400_never_a_500(server):
+    _, served, metrics, _, client = server
+    served.publish(gnp.build_model("lenet-300-100", SHAPE, 10), _version(1))
+    for depth in (1_100, 100_000):
+        body = b'{"instances": ' + b"[" * depth + b"]" * depth + b"}"
+        r = client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert "nested too deeply" in r.json()["detail"] or "recursion" in r.json()["detail"]
+    assert client.get("/healthz").status_code == 200
+
+
+class _GatedModel(nn.Module):
+    """Blocks every forward pass until `gate` is set: predict load that never finishes."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.gate.wait(30)
+        return torch.zeros(x.shape[0], 10)
+
+
+def test_liveness_answers_while_predict_load_fills_every_thread(server):
+    """Before, /healthz ran in the same thread pool (40 threads) as predict: 50 stuck
+    predicts made liveness time out, and Kubernetes would restart a busy pod."""
+    _, served, _, _, client = server
+    gate = threading.Event()
+    served.publish(_GatedModel(gate), _version(1))
+    codes: list[int] = []
+    clients = [httpx.Client(base_url=client.base_url, timeout=60) for _ in range(50)]
+
+    def predict(c: httpx.Client) -> None:
+        codes.append(c.post("/v1/predict", json={"instances": [[0.5] * 64]}).status_code)
+
+    threads = [threading.Thread(target=predict, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)  # every request is in: in the model, or waiting for a slot
+        assert codes == []
+        for path in ("/healthz", "/readyz", "/metrics") * 3:
+            t0 = time.perf_counter()
+            r = client.get(path, timeout=3.0)
+            assert r.status_code == 200 and time.perf_counter() - t0 < 0.5, path
+    finally:
+        gate.set()
+        for t in threads:
+            t.join(60)
+        for c in clients:
+            c.close()
+    assert codes == [200] * 50

@@ -102,3 +102,32 @@ def test_load_settings_one_line_per_field(monkeypatch: pytest.MonkeyPatch) -> No
 def test_direct_construction_raises_validation_error() -> None:
     with pytest.raises(ValidationError):
         Settings(store={"chunk_size": 0})
+
+
+@pytest.mark.parametrize("env, text", [
+    ({"GNPD_KAFKA__DLQ_TOPIC": "samples"},
+     "GNPD_KAFKA: GNPD_KAFKA__DLQ_TOPIC is the input topic 'samples': rejected messages would "
+     "be read again forever"),
+    ({"GNPD_KAFKA__TOPIC": "in", "GNPD_KAFKA__DLQ_TOPIC": "in"}, "is the input topic 'in'"),
+    ({"GNPD_KAFKA__TOPIC": "my samples"},
+     "GNPD_KAFKA__TOPIC: 'my samples' is not a legal Kafka topic name: 1 to 249 characters "
+     "from a-z, A-Z, 0-9, '.', '_' and '-', and not '.' or '..'"),
+    ({"GNPD_KAFKA__DLQ_TOPIC": "dead/letters"}, "GNPD_KAFKA__DLQ_TOPIC: 'dead/letters' is not"),
+    ({"GNPD_KAFKA__DLQ_TOPIC": ".."}, "GNPD_KAFKA__DLQ_TOPIC: '..' is not a legal"),
+    ({"GNPD_KAFKA__TOPIC": "t" * 250}, "(250 characters) is not a legal Kafka topic name"),
+    ({"GNPD_KAFKA__TOPIC": "t" * 246},
+     "the default dead-letter topic (set GNPD_KAFKA__DLQ_TOPIC) "),
+])
+def test_topic_names_are_checked_at_start(monkeypatch: pytest.MonkeyPatch, env, text) -> None:
+    """Issue 8, item 9: a DLQ equal to the input topic, or an illegal name, stopped ingestion."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings(env_file=None)
+    assert text in str(info.value)
+
+
+def test_legal_topic_names() -> None:
+    s = Settings(kafka={"topic": "a.b_c-D9", "dlq_topic": "a.b_c-D9-rejects"})
+    assert s.kafka.effective_dlq_topic == "a.b_c-D9-rejects"
+    assert Settings(kafka={"topic": "t" * 245}).kafka.effective_dlq_topic == "t" * 245 + ".dlq"

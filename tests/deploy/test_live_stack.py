@@ -113,6 +113,9 @@ def test_alert_rules_load_and_evaluate(stack):
     assert {r["name"] for r in rules} >= {"GnpdNoUpdateWhileIngesting", "GnpdConsumerLagging"}
     bad = [(r["name"], r.get("lastError")) for r in rules if r.get("health") != "ok"]
     assert not bad, bad
+    # a healthy daemon reaches its broker: the outage alert must not even be pending
+    kafka = next(r for r in rules if r["name"] == "GnpdKafkaUnreachable")
+    assert kafka["state"] == "inactive", kafka
 
 
 def test_render_dashboard_png(stack, tmp_path):

@@ -54,7 +54,7 @@ def test_promtool_unit_tests_can_fail(promtool, tmp_path):
 def test_the_issue_s_alerts_exist(rules):
     names = {r["alert"] for r in rules}
     assert {"GnpdNoUpdateWhileIngesting", "GnpdAccuracyDropAfterSwap", "GnpdHighRejectionRate",
-            "GnpdUpdateFailed", "GnpdConsumerLagging"} <= names
+            "GnpdUpdateFailed", "GnpdConsumerLagging", "GnpdKafkaUnreachable"} <= names
 
 
 def test_every_alert_has_for_severity_and_text(rules):
@@ -75,3 +75,16 @@ def test_alerts_use_only_exported_metrics(rules, exported_names):
     for rule in rules:
         unknown = metric_names(rule["expr"]) - exported_names - {"up"}
         assert not unknown, f"{rule['alert']} uses metrics the daemon does not export: {unknown}"
+
+
+def test_the_kafka_alert_unit_test_can_fail(promtool, tmp_path):
+    """A Kafka alert that waited 2 minutes instead of 1 fails its promtool unit test."""
+    text = (PROM / "alerts.yml").read_text()
+    broken = text.replace("time() - gnp_ingest_last_poll_timestamp_seconds > 60",
+                          "time() - gnp_ingest_last_poll_timestamp_seconds > 120")
+    assert broken != text
+    (tmp_path / "alerts.yml").write_text(broken)
+    (tmp_path / "alerts_test.yml").write_text((PROM / "alerts_test.yml").read_text())
+    proc = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "GnpdKafkaUnreachable" in proc.stdout + proc.stderr
