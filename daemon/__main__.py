@@ -6,6 +6,9 @@
   (scikit-learn digits where Fashion-MNIST is not installed); prints a line per update
   and stops after ``--updates`` successful updates or on Ctrl-C.
 - ``produce``: the reference producer (``daemon/producer.py``).
+- ``store rebuild-manifest [--store PATH]``: write a new ``manifest.json`` from the chunk
+  files when it is lost or corrupt (the daemon refuses to start then). Input shape, chunk
+  size and validation share come from the ``GNPD_*`` settings; the store must not be in use.
 """
 
 from __future__ import annotations
@@ -204,6 +207,53 @@ def _cmd_produce(args: argparse.Namespace) -> int:
     return run_produce(args)
 
 
+def _cmd_store_rebuild(args: argparse.Namespace) -> int:
+    from daemon.manifest import StoreError, rebuild_manifest
+    from daemon.settings import SettingsError, load_settings
+
+    _configure_logging(args.log_level)
+    try:
+        settings = load_settings(env_file=args.env_file)
+    except SettingsError as e:
+        print(f"gnpd: {e}", file=sys.stderr)
+        return 2
+    store = Path(args.store) if args.store else settings.store.path
+    if not (store / "chunks").is_dir():
+        print(f"gnpd: {store} is not a store (no chunks/ folder)", file=sys.stderr)
+        return 1
+    try:
+        done = rebuild_manifest(store, tuple(settings.model.input_shape),
+                                settings.store.chunk_size, settings.store.val_fraction,
+                                store_id=args.store_id)
+    except (StoreError, OSError) as e:
+        print(f"gnpd: {e}", file=sys.stderr)
+        return 1
+    m = done.manifest
+    if done.old_manifest is not None:
+        print(f"moved the old manifest to {done.old_manifest}")
+    print(f"rebuilt {store / 'manifest.json'}: {len(m.chunks)} chunk(s), "
+          f"{sum(c.rows for c in m.chunks):,} samples, next offsets "
+          f"{ {p: o for p, o in sorted(m.next_offsets.items())} }, store id {m.store_id} "
+          f"({done.store_id_source})")
+    for name, reason in done.skipped:
+        print(f"  left out {name}: {reason} (the file stays where it is)")
+    return 0
+
+
+def _add_store_commands(sub: Any, common: Any) -> None:
+    store = sub.add_parser("store", help="maintenance of the chunk store")
+    cmds = store.add_subparsers(dest="store_command", required=True)
+    rebuild = cmds.add_parser(
+        "rebuild-manifest", parents=[common("INFO")],
+        help="write manifest.json anew from the chunk files (a lost or corrupt manifest)")
+    rebuild.add_argument("--store", default=None,
+                         help="the store folder (default: the configured store path)")
+    rebuild.add_argument("--store-id", default=None, help="the store identity to record "
+                         "(default: the old manifest's, when it can be read, else a new one)")
+    rebuild.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    rebuild.set_defaults(func=_cmd_store_rebuild)
+
+
 def _parser() -> argparse.ArgumentParser:
     def common(default: str) -> argparse.ArgumentParser:
         c = argparse.ArgumentParser(add_help=False)
@@ -241,6 +291,7 @@ def _parser() -> argparse.ArgumentParser:
                              help="stream labelled samples to the topic")
     add_produce_args(produce)
     produce.set_defaults(func=_cmd_produce)
+    _add_store_commands(sub, common)
     return p
 
 

@@ -145,6 +145,9 @@ class Daemon:
         broker, self.broker = self.broker, None
         if broker is not None:
             broker.stop()
+        store, self.store = self.store, None
+        if store is not None:
+            store.close()  # releases the store's lock for the next process
         log.info("gnpd stopped")
         return clean
 
