@@ -49,8 +49,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from daemon.settings import SettingsError, load_settings
 
     _configure_logging(args.log_level)
+    overrides = {"model": {"on_store_mismatch": args.on_store_mismatch}} \
+        if args.on_store_mismatch else {}
     try:
-        settings = load_settings(env_file=args.env_file)
+        settings = load_settings(env_file=args.env_file, **overrides)
     except SettingsError as e:
         print(f"gnpd: {e}", file=sys.stderr)
         return 2
@@ -224,7 +226,9 @@ def _cmd_store_rebuild(args: argparse.Namespace) -> int:
     try:
         done = rebuild_manifest(store, tuple(settings.model.input_shape),
                                 settings.store.chunk_size, settings.store.val_fraction,
-                                store_id=args.store_id)
+                                store_id=args.store_id,
+                                adopt_store_id=lambda chunks: _checkpoint_store_id(
+                                    settings.model.path, {str(c.id) for c in chunks}))
     except (StoreError, OSError) as e:
         print(f"gnpd: {e}", file=sys.stderr)
         return 1
@@ -240,6 +244,23 @@ def _cmd_store_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_store_id(models: Path, chunk_ids: set[str]) -> str | None:
+    """The store id of the newest checkpoint in ``models`` if it learnt only ``chunk_ids``."""
+    import json
+
+    for meta in sorted(models.glob("v*.json"), reverse=True):
+        try:
+            doc = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        seen = {str(c) for c in doc.get("seen_chunk_ids", ())}
+        if doc.get("store_id") and seen <= chunk_ids:
+            print(f"taking the store id of checkpoint {meta}: every chunk it learnt is here")
+            return str(doc["store_id"])
+        return None
+    return None
+
+
 def _add_store_commands(sub: Any, common: Any) -> None:
     store = sub.add_parser("store", help="maintenance of the chunk store")
     cmds = store.add_subparsers(dest="store_command", required=True)
@@ -249,7 +270,8 @@ def _add_store_commands(sub: Any, common: Any) -> None:
     rebuild.add_argument("--store", default=None,
                          help="the store folder (default: the configured store path)")
     rebuild.add_argument("--store-id", default=None, help="the store identity to record "
-                         "(default: the old manifest's, when it can be read, else a new one)")
+                         "(default: the old manifest's when it can be read, else the newest "
+                         "checkpoint's when it learnt only chunks found here, else a new one)")
     rebuild.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
     rebuild.set_defaults(func=_cmd_store_rebuild)
 
@@ -269,6 +291,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common("INFO")],
                          help="run the daemon (settings from GNPD_* env vars)")
     run.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    run.add_argument("--on-store-mismatch", choices=["refuse", "fresh"], default=None,
+                     help="the latest checkpoint learnt from another store: refuse to start "
+                     "(default) or learn this store from scratch (GNPD_MODEL__ON_STORE_MISMATCH)")
     run.set_defaults(func=_cmd_run)
 
     demo = sub.add_parser("demo", parents=[common("WARNING")],

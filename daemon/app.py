@@ -20,15 +20,19 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from daemon.metrics import Metrics
-from daemon.registry import ModelRegistry, ServedModel
+from daemon.registry import ModelRegistry, ModelVersion, ServedModel
 from daemon.serving import HttpServer, create_app
 from daemon.settings import Settings
 from daemon.store import ChunkStore
 from daemon.updater import UpdatePolicy, UpdateResult, UpdateWorker, record_served
 
-__all__ = ["Daemon"]
+__all__ = ["Daemon", "StoreMismatchError"]
 
 log = logging.getLogger(__name__)
+
+
+class StoreMismatchError(RuntimeError):
+    """The latest checkpoint learnt from another store than the one configured."""
 
 
 class Daemon:
@@ -94,8 +98,39 @@ class Daemon:
                  self.bootstrap_servers, s.kafka.topic)
         return self
 
+    def _same_store(self, version: ModelVersion) -> bool:
+        """True if ``version`` learnt from this store (legacy versions: by their chunks)."""
+        assert self.store is not None
+        if version.store_id:
+            return version.store_id == self.store.store_id
+        return set(version.seen_chunk_ids) <= {str(c.id) for c in self.store.chunks()}
+
+    def _check_store(self, latest: tuple[Any, ModelVersion] | None) -> bool:
+        """Raise StoreMismatchError (or, when told, warn) if ``latest`` is another store's."""
+        if latest is None or self._same_store(latest[1]):
+            return True
+        assert self.store is not None
+        v = latest[1]
+        what = (f"learnt from store {v.store_id}" if v.store_id else
+                f"learnt chunks {list(v.seen_chunk_ids)[:5]}... that the store does not hold")
+        text = (f"the latest checkpoint {self.registry.file(v.version)} (version {v.version}) "
+                f"{what}, but the store at {self.store.path} is {self.store.store_id}: "
+                f"checkpoints of another store would skip learning this store's chunks")
+        if self.settings.model.on_store_mismatch == "refuse":
+            raise StoreMismatchError(
+                f"{text}. Point GNPD_DATA_DIR (or GNPD_STORE__PATH and GNPD_MODEL__PATH) at "
+                f"matching folders, or set GNPD_MODEL__ON_STORE_MISMATCH=fresh (gnpd run "
+                f"--on-store-mismatch fresh) to learn this store from scratch; the other "
+                f"store's checkpoints stay on disk")
+        log.warning("%s; GNPD_MODEL__ON_STORE_MISMATCH=fresh: ignoring checkpoints of other "
+                    "stores", text)
+        return False
+
     def _serve_latest(self) -> None:
+        self.registry.clean()
         latest = self.registry.latest()
+        if not self._check_store(latest):
+            latest = self.registry.latest(accept=self._same_store)
         if latest is None:
             log.info("no checkpoint in %s: serving starts after the first update",
                      self.registry.path)

@@ -292,15 +292,16 @@ class Rebuilt:
 
 def rebuild_manifest(store: Path, input_shape: tuple[int, ...], chunk_size: int,
                      val_fraction: float, store_id: str | None = None,
-                     fallback_store_id: str | None = None) -> Rebuilt:
+                     adopt_store_id: Callable[[list[ChunkInfo]], str | None] | None = None,
+                     ) -> Rebuilt:
     """Write a new manifest listing every readable chunk file of ``store``.
 
     ``next_offsets[p]`` becomes the largest offset of partition ``p`` in the chunks plus
     one (messages rejected after the last stored one are read again and dead-lettered
     again). The store id is ``store_id`` when given, else the one salvaged from the old
-    manifest's text, else ``fallback_store_id`` (the daemon's CLI passes the newest
-    checkpoint's), else new. The old manifest is moved aside, never deleted; no chunk
-    file is touched.
+    manifest's text, else ``adopt_store_id(chunks)`` (the CLI offers the newest
+    checkpoint's when every chunk it learnt is among ``chunks``), else new. The old
+    manifest is moved aside, never deleted; no chunk file is touched.
 
     Raises:
         StoreLockedError: a daemon is using the store.
@@ -314,9 +315,12 @@ def rebuild_manifest(store: Path, input_shape: tuple[int, ...], chunk_size: int,
         for c in chunks:
             for p, (_, last) in c.offsets.items():
                 next_offsets[p] = max(next_offsets.get(p, 0), last + 1)
-        sources = (("argument", store_id), ("old manifest", salvaged.get("store_id")),
-                   ("checkpoint", fallback_store_id), ("new", new_store_id()))
-        source, sid = next((name, value) for name, value in sources if value)
+        sources = (("argument", store_id), ("old manifest", salvaged.get("store_id")))
+        source, sid = next(((n, v) for n, v in sources if v), ("", None))
+        if sid is None and adopt_store_id is not None:
+            source, sid = "checkpoint", adopt_store_id(chunks)
+        if not sid:
+            source, sid = "new", new_store_id()
         manifest = Manifest(sid, tuple(input_shape), chunk_size, val_fraction,
                             salvaged.get("topic_id"), next_offsets, tuple(chunks))
         moved = None

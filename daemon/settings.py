@@ -5,6 +5,11 @@ between section and field (``GNPD_STORE__CHUNK_SIZE=5000``,
 ``GNPD_MODEL__INPUT_SHAPE='[1,28,28]'``), from a ``.env`` file, or by keyword
 arguments in tests (``Settings(store={"chunk_size": 10})``). Build it once in
 ``main()`` with :func:`load_settings` and pass the sections down.
+
+Store and checkpoints live under one data directory (``GNPD_DATA_DIR``, default
+``/var/lib/gnpd``: ``<data_dir>/store`` and ``<data_dir>/models``); an explicit
+``GNPD_STORE__PATH`` / ``GNPD_MODEL__PATH`` overrides either. After validation both
+paths are always set.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as _SourceError
 
@@ -32,6 +39,7 @@ __all__ = [
 
 ENV_PREFIX = "GNPD_"
 _NESTED = "__"
+DEFAULT_DATA_DIR = Path("/var/lib/gnpd")
 
 
 class _Section(BaseModel):
@@ -62,8 +70,9 @@ class KafkaSettings(_Section):
 class StoreSettings(_Section):
     """The on-disk Arrow chunk store."""
 
-    path: Path = Field(Path("data/store"),
-                       description="folder of the Arrow chunks and manifest.json (a volume)")
+    path: Path | None = Field(
+        None, description="folder of the Arrow chunks and manifest.json; default "
+                          "<GNPD_DATA_DIR>/store")
     chunk_size: int = Field(5000, gt=0, description="samples per chunk; each sealed chunk triggers an update")
     val_fraction: float = Field(
         0.1, gt=0.0, lt=0.5, description="share of each chunk held out for validation")
@@ -78,7 +87,12 @@ class ModelSettings(_Section):
         default_factory=lambda: [1, 28, 28],
         description="shape of one sample's features (C, H, W): '[1,28,28]', '1,28,28' or '1x28x28'")
     num_classes: int = Field(10, ge=2, description="labels are integers in [0, num_classes)")
-    path: Path = Field(Path("data/models"), description="folder of the checkpoints (a volume)")
+    path: Path | None = Field(
+        None, description="folder of the checkpoints; default <GNPD_DATA_DIR>/models")
+    on_store_mismatch: Literal["refuse", "fresh"] = Field(
+        "refuse", description="latest checkpoint learnt from another store: refuse to start "
+                              "(naming both paths), or fresh = ignore that store's checkpoints "
+                              "and learn this store from scratch")
 
     @field_validator("input_shape", mode="before")
     @classmethod
@@ -145,11 +159,34 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
+    data_dir: Path = Field(
+        DEFAULT_DATA_DIR, description="where the store and the checkpoints live by default "
+                                      "(<data_dir>/store, <data_dir>/models)")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_under_data_dir(cls, data: Any) -> Any:
+        # Fill store.path / model.path from data_dir unless given (env vars, .env, kwargs).
+        if not isinstance(data, dict):
+            return data
+        root = Path(data.get("data_dir") or DEFAULT_DATA_DIR)
+        out = dict(data)
+        for section, sub in (("store", "store"), ("model", "models")):
+            value = out.get(section)
+            if isinstance(value, BaseModel):
+                if value.path is None:  # type: ignore[attr-defined]
+                    out[section] = value.model_copy(update={"path": root / sub})
+            else:
+                value = dict(value or {})
+                if value.get("path") in (None, ""):
+                    value["path"] = root / sub
+                out[section] = value
+        return out
 
 
 class SettingsError(ValueError):

@@ -297,7 +297,7 @@ class UpdateWorker:
             num_classes=self.registry.num_classes, chunk_ids=ids, seen_chunk_ids=seen,
             offsets={str(c.id): _offsets(c.offsets) for c in pending},
             val_accuracy=float(res.val_accuracy), active_params=int(res.params.active),
-            dense_params=int(res.params.dense),
+            dense_params=int(res.params.dense), store_id=getattr(self.store, "store_id", ""),
             cost=UpdateCost(int(res.cost.sample_passes), float(res.cost.epochs),
                             float(res.cost.wall_seconds), str(res.cost.device)))
         model = res.model.to("cpu").eval()
