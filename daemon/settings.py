@@ -145,6 +145,19 @@ class TrainSettings(_Section):
     max_accuracy_drop: float = Field(
         0.2, ge=0.0, le=1.0,
         description="an update more than this below the served model's accuracy fails")
+    max_attempts: int = Field(
+        2, ge=1, description="failed updates a chunk may be part of before it is quarantined")
+    update_timeout_seconds: float = Field(
+        6 * 3600.0, gt=0.0, description="the training child is killed past this (a hang); "
+                                        "counted as an infrastructure error")
+    replay_memory_bytes: int = Field(
+        2 * 2**30, gt=0, description="memory the training child holds samples in (new, "
+                                     "replay and validation); older chunks beyond it are not "
+                                     "replayed, pending ones beyond half of it wait")
+    child_memory_bytes: int = Field(
+        0, ge=0, description="private memory the training child may allocate beyond its "
+                             "start-up (Linux RLIMIT_DATA; the memory-mapped store does not "
+                             "count); 0 = no limit")
 
 
 class Settings(BaseSettings):
