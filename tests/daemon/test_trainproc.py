@@ -7,6 +7,7 @@ HTTP serving on 127.0.0.1, real signals and resource limits.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -319,3 +320,43 @@ def test_plan_resident_fits_the_budget():
     with pytest.raises(ValueError, match="budget_bytes"):
         plan_resident([], [], 0, 4)
 
+
+# ---- corrupt chunks: reported and left out, never blamed on the others ----------------------
+
+@pytest.mark.parametrize("damage", ["flipped-byte", "truncated", "truncated-old-manifest"])
+def test_a_corrupt_chunk_is_left_out_while_the_others_train(env, damage):
+    env.seal(3)
+    path = env.store.chunks()[1].path
+    data = bytearray(path.read_bytes())
+    if damage == "flipped-byte":  # still a valid Arrow file: only the checksum can tell
+        data[len(data) // 2] ^= 0x40
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    if damage == "truncated-old-manifest":  # a manifest from before checksums existed
+        env.store.close()
+        manifest = env.store.path / "manifest.json"
+        doc = json.loads(manifest.read_text())
+        for c in doc["chunks"]:
+            del c["crc32c"]
+        manifest.write_text(json.dumps(doc))
+        env.store = ChunkStore(env.store.path, CHUNK, SHAPE, val_fraction=0.2)
+    real = damage == "truncated"  # real training once; the stand-in elsewhere (faster)
+    worker = env.worker(**({} if real else {"update_fn": FAKE + "ok"}))
+    result = worker.update_pending()
+
+    assert result.outcome == "success", result.reason
+    assert result.chunk_ids == ("1", "3") and result.corrupt == ("2",)
+    assert result.samples == {"new": 2 * 160, "replay": 2 * 160, "val": 2 * 40}
+    assert env.served.version.seen_chunk_ids == ("1", "3")
+    assert env.sample("gnp_store_corrupt_chunks") == 1
+    assert env.sample("gnp_updates_total", {"outcome": "failed"}) == 0
+    assert [worker.ledger.failures(i) for i in "123"] == [0, 0, 0] and not worker.quarantined
+    assert "2" in json.loads((env.store.path / "updates.json").read_text())["corrupt"]
+    assert worker.pending() == []  # the corrupt chunk is not pending forever
+    if not real:
+        return
+    env.seal()
+    again = worker.update_pending()
+    assert again.outcome == "success" and again.chunk_ids == ("4",) and again.corrupt == ()
+    assert again.samples["replay"] == 3 * 160
