@@ -88,6 +88,7 @@ class Daemon:
             self._start_broker()
             self.updater = UpdateWorker(self.store, self.registry, self.served, self.metrics,
                                         self.policy, on_result=self.on_update)
+            self.updater.prune()
             self.updater.start()
             self._start_ingestion()
         except BaseException:

@@ -89,6 +89,9 @@ class ModelSettings(_Section):
     num_classes: int = Field(10, ge=2, description="labels are integers in [0, num_classes)")
     path: Path | None = Field(
         None, description="folder of the checkpoints; default <GNPD_DATA_DIR>/models")
+    keep_versions: int = Field(
+        20, ge=1, description="checkpoints kept; older ones are deleted (never the served, "
+                              "pinned or latest one)")
     on_store_mismatch: Literal["refuse", "fresh"] = Field(
         "refuse", description="latest checkpoint learnt from another store: refuse to start "
                               "(naming both paths), or fresh = ignore that store's checkpoints "

@@ -271,13 +271,22 @@ def _train(job: Job, data: Any, stop: _Stop) -> tuple[dict[str, Any], Any]:
 
 
 def _save_candidate(model: Any, out: Path) -> str:
+    """Write the candidate (temp file + rename); any failure here is a storage error."""
     import safetensors.torch
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    final = out / "candidate.safetensors"
-    tmp = out / "candidate.safetensors.tmp"
-    safetensors.torch.save_file(tensors, str(tmp))
-    os.replace(tmp, final)
+    final, tmp = out / "candidate.safetensors", out / "candidate.safetensors.tmp"
+    try:
+        blob = safetensors.torch.save(tensors)
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors' own error types: still not the data's fault
+        raise OSError(f"candidate not saved: {type(e).__name__}: {e}") from e
     return final.name
 
 

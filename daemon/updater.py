@@ -71,6 +71,7 @@ class UpdatePolicy:
     timeout: float = 6 * 3600.0
     replay_memory_bytes: int = 2 * 2**30
     child_memory_bytes: int = 0
+    keep_versions: int = 20
     update_fn: str = "gnp:update"
     evaluate_fn: str = "gnp:evaluate"
 
@@ -84,7 +85,8 @@ class UpdatePolicy:
                    stop_timeout=float(t.stop_timeout_seconds), max_attempts=t.max_attempts,
                    timeout=float(t.update_timeout_seconds),
                    replay_memory_bytes=int(t.replay_memory_bytes),
-                   child_memory_bytes=int(t.child_memory_bytes))
+                   child_memory_bytes=int(t.child_memory_bytes),
+                   keep_versions=int(settings.model.keep_versions))
 
 
 @dataclass(frozen=True)
@@ -378,7 +380,16 @@ class UpdateWorker:
         version = self.registry.save(model, meta)
         self._head = version
         self.served.publish(model, version)
+        self.prune()
         return version
+
+    def prune(self) -> None:
+        """Keep the newest ``keep_versions`` checkpoints, and the served and head ones."""
+        protect = {v.version for v in (self.served.version, self._head) if v is not None}
+        try:
+            self.registry.prune(self.policy.keep_versions, protect)
+        except OSError as e:  # never fail an update for a cleanup
+            log.warning("could not delete old versions: %s", e)
 
     def _conclude(self, attempt: _Attempt, duration: float) -> UpdateResult:
         m, ids, result = self.metrics, attempt.chunk_ids, attempt.result

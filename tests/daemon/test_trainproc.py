@@ -360,3 +360,35 @@ def test_a_corrupt_chunk_is_left_out_while_the_others_train(env, damage):
     again = worker.update_pending()
     assert again.outcome == "success" and again.chunk_ids == ("4",) and again.corrupt == ()
     assert again.samples["replay"] == 3 * 160
+
+
+FULL_DISK = """
+import resource, signal, sys
+import gnp
+from daemon.metrics import Metrics
+from daemon.registry import ModelRegistry, ServedModel
+from daemon.store import ChunkStore
+from daemon.updater import UpdatePolicy, UpdateWorker
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # the child inherits it
+store = ChunkStore(sys.argv[1], 200, (1, 8, 8), 0.2)
+reg = ModelRegistry(sys.argv[2], "lenet-300-100", (1, 8, 8), 10)
+worker = UpdateWorker(store, reg, ServedModel((1, 8, 8)), Metrics(),
+                      UpdatePolicy(device="cpu", update_fn="tests.daemon.fake_updates:ok"))
+for _ in range(3):
+    r = worker.update_pending()
+    print(r.outcome, worker.ledger.failures("1"), sorted(worker.quarantined), r.reason)
+"""
+
+
+def test_a_full_disk_is_an_infrastructure_error_never_charged_to_chunks(env):
+    env.seal()
+    env.store.close()
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(env.store.path), str(env.registry.path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3, proc.stdout + proc.stderr[-3000:]
+    for line in lines:  # three times: more than max_attempts, still nobody blamed
+        assert line.startswith("infra_error 0 [] OSError") and "File too large" in line, line
+    assert env.registry.history() == []

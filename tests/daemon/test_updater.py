@@ -231,3 +231,12 @@ def test_policy_from_settings():
     assert (p.max_attempts, p.timeout, p.replay_memory_bytes, p.child_memory_bytes) == (
         3, 60.0, 10**6, 10**9)
     assert np.isclose(p.max_accuracy_drop, 0.05)
+
+
+def test_only_the_newest_versions_are_kept(env):
+    worker = env.worker(update_fn=FAKE + "ok", keep_versions=2)
+    for _ in range(3):
+        env.seal()
+        assert worker.update_pending().outcome == "success"
+    assert [v.version for v in env.registry.history()] == [2, 3]
+    assert env.served.version.version == 3 and not list(env.registry.path.glob("*.tmp"))
