@@ -19,12 +19,14 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
 
+from daemon.admin import admin_router
+from daemon.control import ModelControl
 from daemon.metrics import Metrics
 from daemon.registry import ModelRegistry, ModelVersion, ServedModel
 from daemon.serving import HttpServer, create_app
 from daemon.settings import Settings
 from daemon.store import ChunkStore
-from daemon.updater import UpdatePolicy, UpdateResult, UpdateWorker, record_served
+from daemon.updater import UpdatePolicy, UpdateResult, UpdateWorker
 
 __all__ = ["Daemon", "StoreMismatchError"]
 
@@ -57,6 +59,7 @@ class Daemon:
         self.served = ServedModel(m.input_shape)
         self.registry = ModelRegistry(m.path, m.name, m.input_shape, m.num_classes)
         self.store: ChunkStore | None = None
+        self.control: ModelControl | None = None
         self.http: HttpServer | None = None
         self.broker: Any = None
         self.updater: UpdateWorker | None = None
@@ -81,13 +84,13 @@ class Daemon:
         try:
             self.store = ChunkStore(s.store.path, s.store.chunk_size, s.model.input_shape,
                                     s.store.val_fraction)
-            self._serve_latest()
-            self.http = HttpServer(create_app(self.served, self.metrics, self.registry.history),
-                                   s.serve.host, s.serve.port)
+            self.control = self._serve_latest()
+            self.http = HttpServer(self._app(self.control), s.serve.host, s.serve.port)
             self.http.start()
             self._start_broker()
             self.updater = UpdateWorker(self.store, self.registry, self.served, self.metrics,
-                                        self.policy, on_result=self.on_update)
+                                        self.policy, on_result=self.on_update,
+                                        control=self.control)
             self.updater.prune()
             self.updater.start()
             self._start_ingestion()
@@ -127,20 +130,30 @@ class Daemon:
                     "stores", text)
         return False
 
-    def _serve_latest(self) -> None:
+    def _app(self, control: ModelControl, auth: Callable[..., Any] | None = None) -> Any:
+        """The HTTP app: serving routes plus the admin routes (rollback, pin)."""
+        admin = admin_router(self.served, self.registry, self.metrics, control=control,
+                             auth=auth)
+        return create_app(self.served, self.metrics, self.registry.history, routers=[admin],
+                          model_status=control.status)
+
+    def _serve_latest(self) -> ModelControl:
+        """Serve the latest checkpoint of this store (or the pinned one)."""
+        assert self.store is not None
         self.registry.clean()
         latest = self.registry.latest()
         if not self._check_store(latest):
             latest = self.registry.latest(accept=self._same_store)
-        if latest is None:
+        control = ModelControl(self.served, self.registry, self.metrics, self.store.store_id)
+        control.start(latest)
+        version = self.served.version
+        if version is None:
             log.info("no checkpoint in %s: serving starts after the first update",
                      self.registry.path)
-            return
-        model, version = latest
-        self.served.publish(model, version)
-        record_served(self.metrics, version)
-        log.info("serving checkpoint version %d (val accuracy %.4f)",
-                 version.version, version.val_accuracy)
+        else:
+            log.info("serving checkpoint version %d (val accuracy %.4f)",
+                     version.version, version.val_accuracy)
+        return control
 
     def _start_broker(self) -> None:
         if self.settings.kafka.bootstrap_servers:

@@ -41,6 +41,12 @@ class Metrics:
             "gnp_model_swaps", "Model swaps into serving", registry=r)
         self.model_last_swap = Gauge(
             "gnp_model_last_swap_timestamp_seconds", "Unix time of the last model swap", registry=r)
+        self.model_pinned = Gauge(
+            "gnp_model_pinned", "Version pinned into serving (0 = not pinned): updates are "
+            "saved but not served", registry=r)
+        self.model_rollbacks = Counter(
+            "gnp_model_rollbacks", "Rollbacks of the served model (POST /v1/model/rollback)",
+            registry=r)
         self.update_epochs = Gauge(
             "gnp_update_epochs",
             "Cost of the last successful update in all-data-epoch equivalents", registry=r)

@@ -97,6 +97,7 @@ class ModelVersion:
     cost: UpdateCost = UpdateCost()
     weights_sha256: str = ""
     store_id: str = ""
+    restored_from: int | None = None  # a rollback: a copy of this version's weights
 
     @property
     def compression(self) -> float:
@@ -135,6 +136,7 @@ class ModelVersion:
             cost=UpdateCost(**dict(d.get("cost", {}))),
             weights_sha256=str(d.get("weights_sha256", "")),
             store_id=str(d.get("store_id") or ""),
+            restored_from=None if d.get("restored_from") is None else int(d["restored_from"]),
         )
 
 

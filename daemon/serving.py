@@ -20,12 +20,12 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -102,7 +102,8 @@ def _version_summary(v: ModelVersion) -> dict[str, Any]:
 
 def create_app(served: ServedModel, metrics: Metrics,
                history: Callable[[], list[ModelVersion]] = list,
-               max_instances: int = MAX_INSTANCES) -> FastAPI:
+               max_instances: int = MAX_INSTANCES, routers: Sequence[APIRouter] = (),
+               model_status: Callable[[], dict[str, Any]] | None = None) -> FastAPI:
     """The FastAPI application answering from ``served``.
 
     Args:
@@ -110,10 +111,14 @@ def create_app(served: ServedModel, metrics: Metrics,
         metrics: records predict requests and latency; ``/metrics`` exports its registry.
         history: returns every saved version (for ``/v1/model``).
         max_instances: most instances per predict request.
+        routers: more routes (the admin routes of daemon.admin).
+        model_status: extra fields for ``/v1/model`` (pin and head, from daemon.control).
     """
     app = FastAPI(title="gnpd", summary="Continual-learning model server (grow and prune)")
     _add_predict(app, served, metrics, max_instances)
-    _add_status(app, served, metrics, history)
+    _add_status(app, served, metrics, history, model_status)
+    for router in routers:
+        app.include_router(router)
     return app
 
 
@@ -147,7 +152,8 @@ def _add_predict(app: FastAPI, served: ServedModel, metrics: Metrics, limit: int
 
 
 def _add_status(app: FastAPI, served: ServedModel, metrics: Metrics,
-                history: Callable[[], list[ModelVersion]]) -> None:
+                history: Callable[[], list[ModelVersion]],
+                model_status: Callable[[], dict[str, Any]] | None = None) -> None:
     @app.get("/v1/model")
     def model_info() -> JSONResponse:
         """The served version, its accuracy, size and cost, and the update history."""
@@ -158,6 +164,7 @@ def _add_status(app: FastAPI, served: ServedModel, metrics: Metrics,
         info.update(model_name=v.model_name, input_shape=list(v.input_shape),
                     num_classes=v.num_classes, seen_chunks=len(v.seen_chunk_ids),
                     history=[_version_summary(h) for h in history()])
+        info.update(model_status() if model_status is not None else {})
         return JSONResponse(info)
 
     @app.get("/healthz")

@@ -146,8 +146,12 @@ class TrainSettings(_Section):
     min_accuracy: float = Field(
         0.0, ge=0.0, le=1.0, description="an update below this validation accuracy fails")
     max_accuracy_drop: float = Field(
-        0.2, ge=0.0, le=1.0,
-        description="an update more than this below the served model's accuracy fails")
+        0.03, ge=0.0, le=1.0,
+        description="an update more than this below the best reference accuracy fails (the "
+                    "served, head and recent versions, on the same validation set)")
+    gate_versions: int = Field(
+        5, ge=0, description="recent versions (besides the served and head ones) an update "
+                             "is compared with")
     max_attempts: int = Field(
         2, ge=1, description="failed updates a chunk may be part of before it is quarantined")
     update_timeout_seconds: float = Field(

@@ -12,8 +12,12 @@ accuracy gate -- saves it to the registry, publishes it and records the metrics.
 crash, an OOM kill or a hang of training costs an update, never ingest or serving.
 
 Gate: the candidate's validation accuracy must be at least ``max(min_accuracy, best
-reference accuracy - max_accuracy_drop)``, where the references (the served version)
-are evaluated by the child on the same validation set.
+reference accuracy - max_accuracy_drop)``. The references are the served version, the
+head and the ``gate_versions`` most recent versions of this store, all evaluated by the
+child on the same (current) validation set: a run of small drops cannot compound,
+because each update is held to the best of the recent ones, not only to its parent.
+Which version is served and which one learning continues from is
+:class:`daemon.control.ModelControl`'s business (pin, rollback).
 
 Failure policy. "failed" (training raised, non-finite result, accuracy below the gate):
 the failure is charged to the chunks the update learnt as new; a chunk charged
@@ -43,12 +47,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from daemon.control import ModelControl, record_served
 from daemon.ledger import LEDGER, UpdateLedger
 from daemon.metrics import Metrics
 from daemon.registry import ModelRegistry, ModelVersion, ServedModel, UpdateCost
 from daemon.supervisor import ChildRun, TrainingChild
 from daemon.trainproc import Job, schedule_to_json
 
+# record_served lives in daemon.control; re-exported here for earlier callers.
 __all__ = ["UpdatePolicy", "UpdateResult", "UpdateWorker", "record_served"]
 
 log = logging.getLogger(__name__)
@@ -65,7 +71,8 @@ class UpdatePolicy:
     device: str = "auto"
     schedule: Any = "paper"
     min_accuracy: float = 0.0
-    max_accuracy_drop: float = 0.1
+    max_accuracy_drop: float = 0.03
+    gate_versions: int = 5
     stop_timeout: float = 30.0
     max_attempts: int = 2
     timeout: float = 6 * 3600.0
@@ -82,7 +89,7 @@ class UpdatePolicy:
         return cls(device=str(t.device), schedule=t.schedule,
                    min_accuracy=float(t.min_accuracy),
                    max_accuracy_drop=float(t.max_accuracy_drop),
-                   stop_timeout=float(t.stop_timeout_seconds), max_attempts=t.max_attempts,
+                   gate_versions=int(t.gate_versions), stop_timeout=float(t.stop_timeout_seconds), max_attempts=t.max_attempts,
                    timeout=float(t.update_timeout_seconds),
                    replay_memory_bytes=int(t.replay_memory_bytes),
                    child_memory_bytes=int(t.child_memory_bytes),
@@ -104,14 +111,6 @@ class UpdateResult:
     samples: dict[str, int] = field(default_factory=dict)  # new / replay / val sample counts
 
 
-def record_served(metrics: Metrics, version: ModelVersion) -> None:
-    """Set the served-model gauges for ``version``."""
-    metrics.model_accuracy.set(version.val_accuracy)
-    metrics.model_parameters.set(version.active_params)
-    metrics.model_dense_parameters.set(version.dense_params)
-    metrics.model_version.set(version.version)
-
-
 def _non_finite(model: nn.Module) -> str | None:
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -128,6 +127,7 @@ class _Attempt:
     reason: str = ""
     version: ModelVersion | None = None
     result: dict[str, Any] = field(default_factory=dict)
+    published: bool = False
 
 
 class UpdateWorker:
@@ -140,17 +140,19 @@ class UpdateWorker:
         metrics: update, store and served-model metrics.
         policy: device, schedule, limits, acceptance thresholds, stop bound.
         on_result: called with every :class:`UpdateResult` (from the worker thread).
-        head: the version learning continues from (default: the served one).
+        control: the served/head/pin state shared with the admin routes (default: a new
+            one whose head is the served version).
     """
 
     def __init__(self, store: Any, registry: ModelRegistry, served: ServedModel,
                  metrics: Metrics, policy: UpdatePolicy = UpdatePolicy(),
                  on_result: Callable[[UpdateResult], None] | None = None,
-                 head: ModelVersion | None = None) -> None:
+                 control: ModelControl | None = None) -> None:
         self.store, self.registry, self.served = store, registry, served
         self.metrics, self.policy, self.on_result = metrics, policy, on_result
         self.ledger = UpdateLedger(Path(store.path) / LEDGER, policy.max_attempts)
-        self._head = head if head is not None else served.version
+        self.control = control or ModelControl(served, registry, metrics,
+                                               getattr(store, "store_id", ""))
         self._child = TrainingChild(policy.timeout, grace=min(10.0, policy.stop_timeout / 2))
         self._work = registry.path / ".work"
         self._stop = threading.Event()
@@ -204,7 +206,7 @@ class UpdateWorker:
     @property
     def head(self) -> ModelVersion | None:
         """The version the next update starts from."""
-        return self._head
+        return self.control.head
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -225,7 +227,8 @@ class UpdateWorker:
 
     def pending(self, chunks: Sequence[Any] | None = None) -> list[Any]:
         """Stored chunks (or ``chunks``) not in the head's lineage nor left out."""
-        seen = set(self._head.seen_chunk_ids) if self._head else set()
+        head = self.control.head
+        seen = set(head.seen_chunk_ids) if head else set()
         excluded = self.ledger.excluded()
         return [c for c in (self.store.chunks() if chunks is None else chunks)
                 if str(c.id) not in seen and str(c.id) not in excluded]
@@ -270,12 +273,13 @@ class UpdateWorker:
         out = self._work / f"update-{time.time_ns()}"
         out.mkdir(parents=True)
         try:
-            job = self._job(pending, older, out)
+            with self.control.lock:
+                job, generation = self._job(pending, older, out), self.control.generation
             (out / "job.json").write_text(job.to_json())
             run = self._child.run(out / "job.json", out / "result.json")
             attempt = self._verdict(run, ids)
             if attempt.outcome == "success":
-                attempt = self._accept(attempt, out, pending)
+                attempt = self._accept(attempt, out, pending, generation)
             return attempt
         except OSError as e:  # the work folder itself: a storage problem
             log.exception("update could not run")
@@ -283,9 +287,19 @@ class UpdateWorker:
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
+    def _references(self) -> list[int]:
+        """Versions the candidate is gated against: served, head, and recent ones."""
+        recent = [v.version for v in self.registry.history()
+                  if v.store_id in ("", self.control.store_id)]
+        refs = recent[-self.policy.gate_versions:] if self.policy.gate_versions else []
+        for v in (self.served.version, self.control.head):
+            if v is not None:
+                refs.append(v.version)
+        return sorted(set(refs))
+
     def _job(self, pending: Sequence[Any], older: Sequence[Any], out: Path) -> Job:
-        served, head = self.served.version, self._head
-        refs = [served.version] if served is not None else []
+        head = self.control.head
+        refs = self._references()
         return Job(
             store=str(self.store.path), input_shape=tuple(self.store.input_shape),
             pending=tuple(int(c.id) for c in pending), older=tuple(int(c.id) for c in older),
@@ -318,8 +332,9 @@ class UpdateWorker:
                             result=result)
         return _Attempt(outcome, learnt, str(result.get("reason", "")), result=result)
 
-    def _accept(self, attempt: _Attempt, out: Path, pending: Sequence[Any]) -> _Attempt:
-        """Verify the candidate, gate it, save it, publish it."""
+    def _accept(self, attempt: _Attempt, out: Path, pending: Sequence[Any],
+                generation: int) -> _Attempt:
+        """Verify the candidate, gate it, save it, publish it (unless pinned)."""
         import safetensors.torch
 
         result = attempt.result
@@ -335,13 +350,20 @@ class UpdateWorker:
         reason = self._reject_reason(result, model)
         if reason:
             return _Attempt("failed", attempt.chunk_ids, reason, result=result)
-        try:
-            version = self._save_and_publish(model, result, pending, attempt.chunk_ids)
-        except OSError as e:
-            log.exception("could not save the new version")
-            return _Attempt("infra_error", attempt.chunk_ids, f"checkpoint not saved: {e}",
-                            result=result)
-        return _Attempt("success", attempt.chunk_ids, version=version, result=result)
+        with self.control.lock:
+            if self.control.generation != generation:
+                return _Attempt("abandoned", attempt.chunk_ids, "the model was rolled back "
+                                "while the update ran", result=result)
+            try:
+                version = self._save(model, result, pending, attempt.chunk_ids)
+            except OSError as e:
+                log.exception("could not save the new version")
+                return _Attempt("infra_error", attempt.chunk_ids, f"checkpoint not saved: {e}",
+                                result=result)
+            published = self.control.advance(model, version)
+        self.prune()
+        return _Attempt("success", attempt.chunk_ids, version=version, result=result,
+                        published=published)
 
     def _floor(self, result: dict[str, Any]) -> float:
         refs = [float(a) for a in dict(result.get("reference_accuracies") or {}).values()]
@@ -362,9 +384,9 @@ class UpdateWorker:
             return f"validation accuracy {acc:.4f} below the floor {floor:.4f}"
         return ""
 
-    def _save_and_publish(self, model: nn.Module, result: dict[str, Any],
-                          pending: Sequence[Any], ids: tuple[str, ...]) -> ModelVersion:
-        parent = self._head
+    def _save(self, model: nn.Module, result: dict[str, Any], pending: Sequence[Any],
+              ids: tuple[str, ...]) -> ModelVersion:
+        parent = self.control.head
         seen = tuple(parent.seen_chunk_ids if parent else ()) + ids
         by_id = {str(c.id): c for c in pending}
         cost, params = dict(result["cost"]), dict(result["params"])
@@ -377,17 +399,12 @@ class UpdateWorker:
             dense_params=int(params["dense"]), store_id=getattr(self.store, "store_id", ""),
             cost=UpdateCost(int(cost["sample_passes"]), float(cost["epochs"]),
                             float(cost["wall_seconds"]), str(cost["device"])))
-        version = self.registry.save(model, meta)
-        self._head = version
-        self.served.publish(model, version)
-        self.prune()
-        return version
+        return self.registry.save(model, meta)
 
     def prune(self) -> None:
-        """Keep the newest ``keep_versions`` checkpoints, and the served and head ones."""
-        protect = {v.version for v in (self.served.version, self._head) if v is not None}
+        """Keep the newest ``keep_versions`` checkpoints, and the served, head, pinned ones."""
         try:
-            self.registry.prune(self.policy.keep_versions, protect)
+            self.registry.prune(self.policy.keep_versions, self.control.protected())
         except OSError as e:  # never fail an update for a cleanup
             log.warning("could not delete old versions: %s", e)
 
@@ -408,9 +425,9 @@ class UpdateWorker:
         if outcome == "success":
             assert version is not None
             self.ledger.record_success(ids)
-            record_served(m, version)
-            m.model_swaps.inc()
-            m.model_last_swap.set(version.created)
+            if attempt.published:
+                m.model_swaps.inc()
+                m.model_last_swap.set(version.created)
             m.update_epochs.set(version.cost.epochs)
             m.update_sample_passes.inc(version.cost.sample_passes)
             m.update_last_success.set(time.time())

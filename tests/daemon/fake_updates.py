@@ -70,3 +70,36 @@ def scripted(method, model, **kw):
     if first == "fail":
         raise RuntimeError("poisoned")
     return fake_result(model, **kw)
+
+
+ACCURACY_ENV = "GNPD_TEST_ACCURACY"
+
+
+def marker(model) -> float:
+    """A version's "accuracy" for the gate tests: the first bias of its last layer."""
+    return float(list(model.parameters())[-1].detach()[0])
+
+
+def set_marker(model, value: float) -> None:
+    with torch.no_grad():
+        list(model.parameters())[-1][0] = value
+
+
+def marked(method, model, **kw):
+    """A candidate whose accuracy (and marker) is $GNPD_TEST_ACCURACY."""
+    accuracy = float(os.environ[ACCURACY_ENV])
+    result = fake_result(model, accuracy=accuracy, **kw)
+    set_marker(result.model, accuracy)
+    return result
+
+
+def evaluate_marker(model, data):
+    return marker(model)
+
+
+def sleepy(method, model, **kw):
+    """Takes a few seconds, like a real update (for races with a rollback)."""
+    import time
+
+    time.sleep(4)
+    return fake_result(model, **kw)
