@@ -62,7 +62,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         daemon = Daemon(settings).start()
     except Exception as e:  # noqa: BLE001 - start-up failures: one clear line and exit 1
         log.debug("start-up failed", exc_info=True)
-        print(f"gnpd: could not start: {type(e).__name__}: {e}", file=sys.stderr)
+        in_data = isinstance(e, OSError) and str(getattr(e, "filename", "") or "").startswith(
+            str(settings.data_dir))
+        hint = (f" (the data directory is GNPD_DATA_DIR={settings.data_dir}: set it to a "
+                f"writable folder)" if in_data else "")
+        print(f"gnpd: could not start: {type(e).__name__}: {e}{hint}", file=sys.stderr)
         return 1
     return _exit(daemon.run())
 
@@ -210,7 +214,8 @@ def _cmd_produce(args: argparse.Namespace) -> int:
 
 
 def _cmd_store_rebuild(args: argparse.Namespace) -> int:
-    from daemon.manifest import StoreError, rebuild_manifest
+    from daemon.manifest import StoreError
+    from daemon.rebuild import rebuild_manifest
     from daemon.settings import SettingsError, load_settings
 
     _configure_logging(args.log_level)

@@ -1,10 +1,10 @@
-"""The store's ``manifest.json``, its lock, chunk checksums, and the rebuild from chunk files.
+"""The store's ``manifest.json``, its lock, chunk checksums and stray chunk files.
 
 The manifest is the store's source of truth (see ``schemas/chunk.md``). This module
-reads and writes it, never deletes a chunk file, and offers the way out when it is
-lost: :func:`rebuild_manifest` lists the chunk files again from their own columns
-(``gnpd store rebuild-manifest``). A :class:`StoreLock` (``flock`` on ``<store>/lock``)
-keeps a second process off a store that one daemon is using.
+reads and writes it and never deletes a chunk file it cannot account for; when the
+manifest is lost, :mod:`daemon.rebuild` lists the chunk files again from their own
+columns (``gnpd store rebuild-manifest``). A :class:`StoreLock` (``flock`` on
+``<store>/lock``) keeps a second process off a store that one daemon is using.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +28,12 @@ import pyarrow.ipc as ipc
 
 __all__ = [
     "CHUNK_DIR", "CHUNK_SCHEMA_VERSION", "MANIFEST", "REBUILD_HINT", "ChunkInfo", "Manifest",
-    "Rebuilt", "StoreError", "StoreLock", "StoreLockedError", "chunk_id_of", "file_crc32c",
-    "read_manifest", "rebuild_manifest", "verify_chunk", "write_atomic", "write_manifest",
+    "StoreError", "StoreLock", "StoreLockedError", "chunk_id_of", "file_crc32c",
+    "new_store_id", "read_manifest", "sweep_strays", "verify_chunk", "write_atomic",
+    "write_manifest",
 ]
+
+log = logging.getLogger(__name__)
 
 CHUNK_SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -38,6 +41,7 @@ CHUNK_DIR = "chunks"
 LOCK = "lock"
 TMP_SUFFIX = ".tmp"
 _CHUNK_NAME = re.compile(r"^chunk-(\d{6,})\.arrow$")
+ORPHANS = "orphans"
 REBUILD_HINT = "gnpd store rebuild-manifest --store {path}"
 
 
@@ -278,110 +282,44 @@ class StoreLock:
         self.release()
 
 
-# ---- rebuild --------------------------------------------------------------------------------
+# ---- stray files ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Rebuilt:
-    """What :func:`rebuild_manifest` did."""
+def sweep_strays(store: Path, chunks: list[ChunkInfo], next_offsets: dict[int, int]) -> None:
+    """Delete temp files and the chunk a crash left unlisted; move other strays aside.
 
-    manifest: Manifest
-    skipped: tuple[tuple[str, str], ...]  # (file name, reason): left in place, not listed
-    old_manifest: Path | None  # where the unreadable manifest was moved, if there was one
-    store_id_source: str  # "argument", "old manifest", "checkpoint" or "new"
-
-
-def rebuild_manifest(store: Path, input_shape: tuple[int, ...], chunk_size: int,
-                     val_fraction: float, store_id: str | None = None,
-                     adopt_store_id: Callable[[list[ChunkInfo]], str | None] | None = None,
-                     ) -> Rebuilt:
-    """Write a new manifest listing every readable chunk file of ``store``.
-
-    ``next_offsets[p]`` becomes the largest offset of partition ``p`` in the chunks plus
-    one (messages rejected after the last stored one are read again and dead-lettered
-    again). The store id is ``store_id`` when given, else the one salvaged from the old
-    manifest's text, else ``adopt_store_id(chunks)`` (the CLI offers the newest
-    checkpoint's when every chunk it learnt is among ``chunks``), else new. The old
-    manifest is moved aside, never deleted; no chunk file is touched.
-
-    Raises:
-        StoreLockedError: a daemon is using the store.
+    A chunk file the manifest does not list is deleted only when a crash between its
+    rename and the manifest write explains it: numbered after the last listed chunk,
+    every offset at or past ``next_offsets`` (its messages are read again from Kafka).
+    Anything else goes to ``<store>/orphans/``: never delete what cannot be accounted for.
     """
-    lock = StoreLock(store)
-    try:
-        old_text = _read_text(store / MANIFEST)
-        salvaged = _salvage(old_text)
-        chunks, skipped = _scan_chunks(store, _prod(input_shape))
-        next_offsets: dict[int, int] = {}
-        for c in chunks:
-            for p, (_, last) in c.offsets.items():
-                next_offsets[p] = max(next_offsets.get(p, 0), last + 1)
-        sources = (("argument", store_id), ("old manifest", salvaged.get("store_id")))
-        source, sid = next(((n, v) for n, v in sources if v), ("", None))
-        if sid is None and adopt_store_id is not None:
-            source, sid = "checkpoint", adopt_store_id(chunks)
-        if not sid:
-            source, sid = "new", new_store_id()
-        manifest = Manifest(sid, tuple(input_shape), chunk_size, val_fraction,
-                            salvaged.get("topic_id"), next_offsets, tuple(chunks))
-        moved = None
-        if old_text is not None:
-            moved = store / f"{MANIFEST}.broken-{int(time.time())}"
-            os.replace(store / MANIFEST, moved)
-        write_manifest(store, manifest)
-        return Rebuilt(manifest, tuple(skipped), moved, source)
-    finally:
-        lock.release()
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return None
-
-
-def _salvage(text: str | None) -> dict[str, str]:
-    """``store_id`` and ``topic_id`` from a manifest's text, even a truncated one."""
-    out = {}
-    for key in ("store_id", "topic_id"):
-        m = re.search(rf'"{key}"\s*:\s*"([^"]+)"', text or "")
-        if m:
-            out[key] = m.group(1)
-    return out
-
-
-def _scan_chunks(store: Path, input_size: int) -> tuple[list[ChunkInfo], list[tuple[str, str]]]:
-    chunks, skipped = [], []
-    for path in sorted((store / CHUNK_DIR).glob("chunk-*.arrow"), key=lambda p: p.name):
-        number = chunk_id_of(path)
-        if number is None:
-            skipped.append((path.name, "not a chunk file name"))
+    listed = {c.path.name for c in chunks}
+    last = chunks[-1].id if chunks else 0
+    for entry in sorted((store / CHUNK_DIR).iterdir()):
+        if not entry.is_file() or entry.name in listed:
             continue
-        try:
-            chunks.append(_describe(path, number, input_size))
-        except (OSError, pa.ArrowException, KeyError, ValueError) as e:
-            skipped.append((path.name, f"unreadable: {type(e).__name__}: {e}"))
-    return chunks, skipped
+        if entry.name.endswith(TMP_SUFFIX):
+            log.warning("removing %s: an incomplete write (left by a crash)", entry)
+            entry.unlink()
+        elif (chunk_id_of(entry) or 0) > last and _read_again(entry, next_offsets):
+            log.warning("removing %s: sealed but not in the manifest (a crash); its "
+                        "messages are read again from Kafka", entry)
+            entry.unlink()
+        else:
+            target = store / ORPHANS / entry.name
+            target.parent.mkdir(exist_ok=True)
+            log.warning("moving %s to %s: not in the manifest and not explained by a "
+                        "crash (nothing is deleted; inspect it)", entry, target)
+            os.replace(entry, target)
+    (store / (MANIFEST + TMP_SUFFIX)).unlink(missing_ok=True)
 
 
-def _describe(path: Path, number: int, input_size: int) -> ChunkInfo:
-    """A ChunkInfo for a chunk file, from its partition and offset columns."""
-    with pa.memory_map(str(path), "r") as src:
-        table = ipc.open_file(src).read_all()
-        width = table.schema.field("features").type.list_size
-        if width != input_size:
-            raise ValueError(f"{width} features per sample, the settings say {input_size}")
-        parts = table.column("partition").to_pylist()
-        offs = table.column("offset").to_pylist()
-    ranges: dict[int, tuple[int, int]] = {}
-    for p, o in zip(parts, offs, strict=True):
-        a, b = ranges.get(p, (o, o))
-        ranges[p] = (min(a, o), max(b, o))
-    return ChunkInfo(number, path, len(offs), ranges, path.stat().st_mtime, file_crc32c(path))
+def _read_again(path: Path, next_offsets: dict[int, int]) -> bool:
+    """True if every message in the chunk file lies at or past ``next_offsets``."""
+    try:
+        with pa.memory_map(str(path), "r") as src:
+            table = ipc.open_file(src).read_all()
+            parts = table.column("partition").to_pylist()
+            offs = table.column("offset").to_pylist()
+    except (OSError, pa.ArrowException, KeyError):
+        return False
+    return all(o >= next_offsets.get(p, 0) for p, o in zip(parts, offs, strict=True))

@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -44,9 +43,9 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from daemon.manifest import (
-    CHUNK_DIR as _CHUNK_DIR, CHUNK_SCHEMA_VERSION, MANIFEST as _MANIFEST, TMP_SUFFIX as _TMP_SUFFIX,
-    ChunkInfo, Manifest, StoreError, StoreLock, StoreLockedError, chunk_id_of, new_store_id,
-    read_manifest, verify_chunk, write_atomic as _write_atomic, write_manifest,
+    CHUNK_DIR as _CHUNK_DIR, CHUNK_SCHEMA_VERSION, ChunkInfo, Manifest, StoreError, StoreLock,
+    StoreLockedError, new_store_id, read_manifest, sweep_strays, verify_chunk,
+    write_atomic as _write_atomic, write_manifest,
 )
 from daemon.messages import Sample
 
@@ -54,8 +53,6 @@ __all__ = ["CHUNK_SCHEMA_VERSION", "ChunkInfo", "ChunkStore", "StoreError", "Sto
            "chunk_schema", "val_mask"]
 
 log = logging.getLogger(__name__)
-
-_ORPHANS = "orphans"
 
 
 def chunk_schema(input_size: int) -> pa.Schema:
@@ -375,40 +372,7 @@ class ChunkStore:
                 self._store_id = new_store_id()
                 log.info("store %s had no identity; it is now %s", self.path, self._store_id)
                 self._write_manifest(self._chunks, self._next)
-        self._remove_strays()
-
-    def _remove_strays(self) -> None:
-        """Delete temp files and the chunk a crash left unlisted; move other strays aside."""
-        listed = {c.path.name for c in self._chunks}
-        last = self._chunks[-1].id if self._chunks else 0
-        for entry in sorted((self.path / _CHUNK_DIR).iterdir()):
-            if not entry.is_file() or entry.name in listed:
-                continue
-            if entry.name.endswith(_TMP_SUFFIX):
-                log.warning("removing %s: an incomplete write (left by a crash)", entry)
-                entry.unlink()
-            elif (chunk_id_of(entry) or 0) > last and self._read_again(entry):
-                log.warning("removing %s: sealed but not in the manifest (a crash); its "
-                            "messages are read again from Kafka", entry)
-                entry.unlink()
-            else:
-                target = self.path / _ORPHANS / entry.name
-                target.parent.mkdir(exist_ok=True)
-                log.warning("moving %s to %s: not in the manifest and not explained by a "
-                            "crash (nothing is deleted; inspect it)", entry, target)
-                os.replace(entry, target)
-        (self.path / (_MANIFEST + _TMP_SUFFIX)).unlink(missing_ok=True)
-
-    def _read_again(self, path: Path) -> bool:
-        """True if every message in the chunk file lies at or past ``next_offsets``."""
-        try:
-            table = _read_ipc(path)
-            parts = table.column("partition").to_numpy()
-            offs = table.column("offset").to_numpy()
-        except (OSError, pa.ArrowException, KeyError):
-            return False
-        return all(int(offs[parts == p].min()) >= self._next.get(int(p), 0)
-                   for p in np.unique(parts))
+        sweep_strays(self.path, self._chunks, self._next)
 
     def _write_manifest(self, chunks: list[ChunkInfo], next_offsets: dict[int, int]) -> None:
         write_manifest(self.path, Manifest(

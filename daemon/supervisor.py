@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import daemon
+from daemon.trainproc import OUTCOME_EXIT
 
 __all__ = ["ChildRun", "TrainingChild"]
 
@@ -39,6 +40,23 @@ class ChildRun:
     result: dict[str, Any] | None
     timed_out: bool = False
     stopped: bool = False
+
+    def verdict(self, timeout: float) -> tuple[str, str]:
+        """(outcome, reason): the child's own verdict when its exit code agrees, else
+        ``infra_error`` (killed by a signal, past the time limit, no result)."""
+        result = self.result or {}
+        if self.stopped:
+            return "abandoned", "stop requested"
+        if self.timed_out:
+            return "infra_error", (f"the update ran past its time limit of {timeout:.0f}s "
+                                   "and was killed")
+        outcome = result.get("outcome")
+        if outcome is None or OUTCOME_EXIT.get(outcome) != self.returncode:
+            how = (f"killed by {self.signal}" + (" (out of memory?)"
+                                                  if self.signal == "SIGKILL" else "")
+                   if self.signal else f"exited with code {self.returncode}")
+            return "infra_error", f"update child {how} without a result"
+        return str(outcome), str(result.get("reason", ""))
 
     @property
     def signal(self) -> str | None:

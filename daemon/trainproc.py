@@ -13,8 +13,8 @@ takes no lock: the daemon holds it), verifies every chunk's checksum, trains wit
 budget, evaluates the reference versions (served, head, recent ones) on the same
 validation set, writes ``candidate.safetensors`` (temp file + rename) and
 ``result.json``, and exits with one of the ``EXIT_*`` codes. It dies with its parent
-(``PR_SET_PDEATHSIG``), is the first the kernel's OOM killer picks (``oom_score_adj``),
-and abandons the update between epochs on SIGTERM.
+(``PR_SET_PDEATHSIG``, and gnp's ``should_stop`` checks the parent between epochs), is
+the first the kernel's OOM killer picks (``oom_score_adj``), and exits at once on SIGTERM.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EXIT_ABANDONED", "EXIT_FAILED", "EXIT_INFRA", "EXIT_NO_DATA", "EXIT_OK", "Job",
-           "main"]
+__all__ = ["EXIT_ABANDONED", "EXIT_FAILED", "EXIT_INFRA", "EXIT_NO_DATA", "EXIT_OK",
+           "OUTCOME_EXIT", "Job", "main", "schedule_to_json"]
 
 log = logging.getLogger("daemon.trainproc")
 
 EXIT_OK, EXIT_FAILED, EXIT_ABANDONED, EXIT_NO_DATA, EXIT_INFRA = 0, 3, 4, 5, 75
-_OUTCOME_EXIT = {"success": EXIT_OK, "failed": EXIT_FAILED, "abandoned": EXIT_ABANDONED,
+OUTCOME_EXIT = {"success": EXIT_OK, "failed": EXIT_FAILED, "abandoned": EXIT_ABANDONED,
                  "no_data": EXIT_NO_DATA, "infra_error": EXIT_INFRA}
 _PROGRESS_EVERY_S = 5.0
 
@@ -121,18 +121,23 @@ def _resolve(spec: str) -> Any:
 # ---- process set-up -------------------------------------------------------------------------
 
 class _Stop:
-    """SIGTERM from the daemon, or the daemon gone: abandon between epochs."""
+    """``should_stop`` for gnp: the daemon is gone. SIGTERM from the daemon exits at once.
+
+    Exiting on SIGTERM at any point is safe: the child writes only into its own work
+    folder (temp file + rename), and the daemon discards that folder after a stop.
+    """
 
     def __init__(self, parent_pid: int) -> None:
-        self.requested, self.parent_pid = False, parent_pid
+        self.parent_pid = parent_pid
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
+    @staticmethod
+    def _handle(signum: int, frame: Any) -> None:
+        os._exit(EXIT_ABANDONED)
 
     def __call__(self) -> bool:
-        return self.requested or (self.parent_pid > 0 and os.getppid() != self.parent_pid)
+        return self.parent_pid > 0 and os.getppid() != self.parent_pid
 
 
 def _bind_to_parent(parent_pid: int) -> None:
@@ -340,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot write the result: %s", e)
         return EXIT_INFRA
     log.info("update child done: %s %s", result["outcome"], result.get("reason", ""))
-    return _OUTCOME_EXIT[result["outcome"]]
+    return OUTCOME_EXIT[result["outcome"]]
 
 
 if __name__ == "__main__":

@@ -1,34 +1,25 @@
 """The update worker: learns sealed chunks in a child process and swaps the result in.
 
-One thread. Each time chunks seal (:meth:`UpdateWorker.notify`, the Ingestor's
-``on_sealed``) and once at start-up, it computes the *pending* chunks (stored chunks
-not in the lineage of the head version, the one learning continues from) and runs ONE
-update over them in a training child (:mod:`daemon.trainproc`, started by
-:class:`daemon.supervisor.TrainingChild`). The child reads the memory-mapped store
-itself within ``replay_memory_bytes`` (pending chunks beyond that wait for the next
-update, which follows at once), and writes a candidate checkpoint. This process only
-verifies the candidate -- loads it strictly, checks it is finite and passes the
-accuracy gate -- saves it to the registry, publishes it and records the metrics. A
-crash, an OOM kill or a hang of training costs an update, never ingest or serving.
+One thread. On every seal (:meth:`UpdateWorker.notify`) and at start-up it takes the
+*pending* chunks (stored, not in the head version's lineage, not left out) and runs ONE
+update over them in a training child (:mod:`daemon.trainproc`, run by
+:class:`daemon.supervisor.TrainingChild`), which reads the memory-mapped store itself
+within ``replay_memory_bytes`` (pending chunks beyond it follow in the next update, at
+once) and writes a candidate. This process verifies it (strict load, finite, gate),
+saves it, and publishes it unless a version is pinned (:mod:`daemon.control`). A crash,
+OOM kill or hang of training costs an update, never ingest or serving.
 
-Gate: the candidate's validation accuracy must be at least ``max(min_accuracy, best
-reference accuracy - max_accuracy_drop)``. The references are the served version, the
-head and the ``gate_versions`` most recent versions of this store, all evaluated by the
-child on the same (current) validation set: a run of small drops cannot compound,
-because each update is held to the best of the recent ones, not only to its parent.
-Which version is served and which one learning continues from is
-:class:`daemon.control.ModelControl`'s business (pin, rollback).
+Gate: accuracy >= ``max(min_accuracy, best reference - max_accuracy_drop)``; references
+are the served, head and ``gate_versions`` most recent versions, evaluated by the child
+on the same validation set, so small drops cannot compound.
 
-Failure policy. "failed" (training raised, non-finite result, accuracy below the gate):
-the failure is charged to the chunks the update learnt as new; a chunk charged
-``max_attempts`` times is quarantined: left out of new data, replay and validation. The
-counts and the quarantine live in ``<store>/updates.json`` and survive restarts.
-"infra_error" (out of memory on the host or the device, a full disk, the child killed by
-a signal or past its time limit, a candidate that does not load): charged to no chunk.
-"abandoned" (stop requested) is no failure either. After a failure the worker does not
-retry on its own: the next seal (or restart) retries the chunks with the new ones. A
-chunk whose file fails its checksum is reported, recorded in the ledger as corrupt and
-left out, without counting against the others.
+Outcomes: "failed" (training raised, non-finite, below the gate) is charged to the chunks
+learnt; ``max_attempts`` charges quarantine a chunk. "infra_error" (OOM on host or device,
+OSError such as a full disk, the child killed by a signal or past its time limit, a
+candidate that does not load) and "abandoned" (stop, or a rollback meanwhile) are charged
+to nobody. Counts, quarantine and corrupt chunks (failed checksum: reported, left out,
+nobody blamed) persist in ``<store>/updates.json``. A failed update is not retried on its
+own: the next seal or restart retries its chunks with the new ones.
 """
 
 from __future__ import annotations
@@ -313,24 +304,10 @@ class UpdateWorker:
             update_fn=self.policy.update_fn, evaluate_fn=self.policy.evaluate_fn)
 
     def _verdict(self, run: ChildRun, ids: tuple[str, ...]) -> _Attempt:
-        """The child's outcome, trusting its result only when its exit code agrees."""
-        from daemon.trainproc import _OUTCOME_EXIT
-
         result = run.result or {}
-        learnt = tuple(result.get("new_chunk_ids") or ids)
-        if run.stopped:
-            return _Attempt("abandoned", learnt, "stop requested", result=result)
-        if run.timed_out:
-            return _Attempt("infra_error", learnt, f"the update ran past its time limit of "
-                            f"{self.policy.timeout:.0f}s and was killed", result=result)
-        outcome = result.get("outcome")
-        if outcome is None or _OUTCOME_EXIT.get(outcome) != run.returncode:
-            how = (f"killed by {run.signal}" + (" (out of memory?)"
-                                                 if run.signal == "SIGKILL" else "")
-                   if run.signal else f"exited with code {run.returncode}")
-            return _Attempt("infra_error", learnt, f"update child {how} without a result",
-                            result=result)
-        return _Attempt(outcome, learnt, str(result.get("reason", "")), result=result)
+        outcome, reason = run.verdict(self.policy.timeout)
+        return _Attempt(outcome, tuple(result.get("new_chunk_ids") or ids), reason,
+                        result=result)
 
     def _accept(self, attempt: _Attempt, out: Path, pending: Sequence[Any],
                 generation: int) -> _Attempt:
@@ -424,16 +401,7 @@ class UpdateWorker:
         m.update_duration.observe(duration)
         if outcome == "success":
             assert version is not None
-            self.ledger.record_success(ids)
-            if attempt.published:
-                m.model_swaps.inc()
-                m.model_last_swap.set(version.created)
-            m.update_epochs.set(version.cost.epochs)
-            m.update_sample_passes.inc(version.cost.sample_passes)
-            m.update_last_success.set(time.time())
-            log.info("update succeeded in %.1fs: version %d, val accuracy %.4f, %d/%d params",
-                     duration, version.version, version.val_accuracy,
-                     version.active_params, version.dense_params)
+            self._succeeded(version, attempt.published, duration)
         elif outcome == "failed":
             quarantined = self.ledger.record_failure(ids)
             if quarantined:
@@ -451,6 +419,20 @@ class UpdateWorker:
             log.info("update abandoned after %.1fs: %s", duration, attempt.reason)
         return UpdateResult(outcome, ids, duration, version, attempt.reason, quarantined,
                             corrupt, samples)
+
+
+    def _succeeded(self, version: ModelVersion, published: bool, duration: float) -> None:
+        m = self.metrics
+        self.ledger.record_success(version.chunk_ids)
+        if published:
+            m.model_swaps.inc()
+            m.model_last_swap.set(version.created)
+        m.update_epochs.set(version.cost.epochs)
+        m.update_sample_passes.inc(version.cost.sample_passes)
+        m.update_last_success.set(time.time())
+        log.info("update succeeded in %.1fs: version %d, val accuracy %.4f, %d/%d params%s",
+                 duration, version.version, version.val_accuracy, version.active_params,
+                 version.dense_params, "" if published else " (saved; a pinned version is served)")
 
 
 def _offsets(offsets: Any) -> dict[str, tuple[int, int]]:
