@@ -295,34 +295,47 @@ def _save_candidate(model: Any, out: Path) -> str:
     return final.name
 
 
+def _device_problem(device: str) -> str | None:
+    """Why ``device`` cannot be used here (a configuration problem, not the data's)."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"device {device!r} was asked for but CUDA is not available"
+    return None
+
+
+def _verdict(e: BaseException, during: str) -> dict[str, Any]:
+    """A failure as a result: blamed on the data only when training itself failed."""
+    infra = _is_infra(e) or during != "training"
+    log.exception("update failed while %s%s", during, " (infrastructure)" if infra else "")
+    return {"outcome": "infra_error" if infra else "failed",
+            "reason": f"{type(e).__name__} while {during}: {e}"}
+
+
 def _run(job: Job, stop: _Stop) -> dict[str, Any]:
     import gnp
-    from gnp.train import resolve_device
 
-    try:
-        resolve_device(job.device)
-    except ValueError as e:  # a configuration problem, not the data's
-        return {"outcome": "infra_error", "reason": str(e)}
+    problem = _device_problem(job.device)
+    if problem:
+        return {"outcome": "infra_error", "reason": problem}
     _limit_memory(job.memory_limit_bytes)
     result: dict[str, Any] = {"outcome": "infra_error", "reason": "", "pid": os.getpid()}
+    during = "reading the store"
     try:
         report, data = _load_data(job)
         result.update(report)
         if data is None:
             return {**result, "outcome": "no_data", "reason": "no usable new chunk"}
+        during = "training"
         fields, model = _train(job, data, stop)
         result.update(fields)
+        during = "saving the candidate"
         result["candidate"] = _save_candidate(model, Path(job.out_dir))
         return {**result, "outcome": "success"}
     except gnp.Abandoned:
         return {**result, "outcome": "abandoned", "reason": "stop requested"}
-    except BaseException as e:  # noqa: BLE001 - every failure becomes a verdict for the daemon
-        infra = _is_infra(e)
-        if not isinstance(e, Exception) and not infra:
-            raise
-        log.exception("update %s", "hit an infrastructure error" if infra else "raised")
-        return {**result, "outcome": "infra_error" if infra else "failed",
-                "reason": f"{type(e).__name__}: {e}"}
+    except Exception as e:  # noqa: BLE001 - every failure becomes a verdict for the daemon
+        return {**result, **_verdict(e, during)}
 
 
 def main(argv: list[str] | None = None) -> int:

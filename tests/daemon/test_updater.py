@@ -129,7 +129,7 @@ def test_next_update_learns_only_pending_chunks_together_and_replays_all(env):
 
 
 FAILURES = {
-    "raises": ("raises", {}, "RuntimeError: boom"),
+    "raises": ("raises", {}, "RuntimeError while training: boom"),
     "diverged": ("diverged", {}, "TrainingDiverged"),
     "nan weights": ("nan_weights", {}, "non-finite"),
     "nan accuracy": ("nan_accuracy", {}, "non-finite"),
