@@ -392,3 +392,18 @@ def test_a_full_disk_is_an_infrastructure_error_never_charged_to_chunks(env):
     for line in lines:  # three times: more than max_attempts, still nobody blamed
         assert line.startswith("infra_error 0 [] OSError") and "File too large" in line, line
     assert env.registry.history() == []
+
+
+def test_out_of_memory_and_storage_errors_are_infrastructure_errors():
+    import errno
+
+    import torch
+
+    from daemon.trainproc import _is_infra
+
+    assert _is_infra(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert _is_infra(MemoryError())
+    assert _is_infra(OSError(errno.ENOSPC, "No space left on device"))
+    assert _is_infra(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    assert not _is_infra(RuntimeError("boom"))
+    assert not _is_infra(gnp.TrainingDiverged("training loss became nan"))
