@@ -6,6 +6,9 @@
   (scikit-learn digits where Fashion-MNIST is not installed); prints a line per update
   and stops after ``--updates`` successful updates or on Ctrl-C.
 - ``produce``: the reference producer (``daemon/producer.py``).
+- ``store rebuild-manifest [--store PATH]``: write a new ``manifest.json`` from the chunk
+  files when it is lost or corrupt (the daemon refuses to start then). Input shape, chunk
+  size and validation share come from the ``GNPD_*`` settings; the store must not be in use.
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from daemon.settings import SettingsError, load_settings
 
     _configure_logging(args.log_level)
+    overrides = {"model": {"on_store_mismatch": args.on_store_mismatch}} \
+        if args.on_store_mismatch else {}
     try:
-        settings = load_settings(env_file=args.env_file)
+        settings = load_settings(env_file=args.env_file, **overrides)
     except SettingsError as e:
         print(f"gnpd: {e}", file=sys.stderr)
         return 2
@@ -57,7 +62,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         daemon = Daemon(settings).start()
     except Exception as e:  # noqa: BLE001 - start-up failures: one clear line and exit 1
         log.debug("start-up failed", exc_info=True)
-        print(f"gnpd: could not start: {type(e).__name__}: {e}", file=sys.stderr)
+        in_data = isinstance(e, OSError) and str(getattr(e, "filename", "") or "").startswith(
+            str(settings.data_dir))
+        hint = (f" (the data directory is GNPD_DATA_DIR={settings.data_dir}: set it to a "
+                f"writable folder)" if in_data else "")
+        print(f"gnpd: could not start: {type(e).__name__}: {e}{hint}", file=sys.stderr)
         return 1
     return _exit(daemon.run())
 
@@ -204,6 +213,74 @@ def _cmd_produce(args: argparse.Namespace) -> int:
     return run_produce(args)
 
 
+def _cmd_store_rebuild(args: argparse.Namespace) -> int:
+    from daemon.manifest import StoreError
+    from daemon.rebuild import rebuild_manifest
+    from daemon.settings import SettingsError, load_settings
+
+    _configure_logging(args.log_level)
+    try:
+        settings = load_settings(env_file=args.env_file)
+    except SettingsError as e:
+        print(f"gnpd: {e}", file=sys.stderr)
+        return 2
+    store = Path(args.store) if args.store else settings.store.path
+    if not (store / "chunks").is_dir():
+        print(f"gnpd: {store} is not a store (no chunks/ folder)", file=sys.stderr)
+        return 1
+    try:
+        done = rebuild_manifest(store, tuple(settings.model.input_shape),
+                                settings.store.chunk_size, settings.store.val_fraction,
+                                store_id=args.store_id,
+                                adopt_store_id=lambda chunks: _checkpoint_store_id(
+                                    settings.model.path, {str(c.id) for c in chunks}))
+    except (StoreError, OSError) as e:
+        print(f"gnpd: {e}", file=sys.stderr)
+        return 1
+    m = done.manifest
+    if done.old_manifest is not None:
+        print(f"moved the old manifest to {done.old_manifest}")
+    print(f"rebuilt {store / 'manifest.json'}: {len(m.chunks)} chunk(s), "
+          f"{sum(c.rows for c in m.chunks):,} samples, next offsets "
+          f"{ {p: o for p, o in sorted(m.next_offsets.items())} }, store id {m.store_id} "
+          f"({done.store_id_source})")
+    for name, reason in done.skipped:
+        print(f"  left out {name}: {reason} (the file stays where it is)")
+    return 0
+
+
+def _checkpoint_store_id(models: Path, chunk_ids: set[str]) -> str | None:
+    """The store id of the newest checkpoint in ``models`` if it learnt only ``chunk_ids``."""
+    import json
+
+    for meta in sorted(models.glob("v*.json"), reverse=True):
+        try:
+            doc = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        seen = {str(c) for c in doc.get("seen_chunk_ids", ())}
+        if doc.get("store_id") and seen <= chunk_ids:
+            print(f"taking the store id of checkpoint {meta}: every chunk it learnt is here")
+            return str(doc["store_id"])
+        return None
+    return None
+
+
+def _add_store_commands(sub: Any, common: Any) -> None:
+    store = sub.add_parser("store", help="maintenance of the chunk store")
+    cmds = store.add_subparsers(dest="store_command", required=True)
+    rebuild = cmds.add_parser(
+        "rebuild-manifest", parents=[common("INFO")],
+        help="write manifest.json anew from the chunk files (a lost or corrupt manifest)")
+    rebuild.add_argument("--store", default=None,
+                         help="the store folder (default: the configured store path)")
+    rebuild.add_argument("--store-id", default=None, help="the store identity to record "
+                         "(default: the old manifest's when it can be read, else the newest "
+                         "checkpoint's when it learnt only chunks found here, else a new one)")
+    rebuild.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    rebuild.set_defaults(func=_cmd_store_rebuild)
+
+
 def _parser() -> argparse.ArgumentParser:
     def common(default: str) -> argparse.ArgumentParser:
         c = argparse.ArgumentParser(add_help=False)
@@ -219,6 +296,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common("INFO")],
                          help="run the daemon (settings from GNPD_* env vars)")
     run.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    run.add_argument("--on-store-mismatch", choices=["refuse", "fresh"], default=None,
+                     help="the latest checkpoint learnt from another store: refuse to start "
+                     "(default) or learn this store from scratch (GNPD_MODEL__ON_STORE_MISMATCH)")
     run.set_defaults(func=_cmd_run)
 
     demo = sub.add_parser("demo", parents=[common("WARNING")],
@@ -241,6 +321,7 @@ def _parser() -> argparse.ArgumentParser:
                              help="stream labelled samples to the topic")
     add_produce_args(produce)
     produce.set_defaults(func=_cmd_produce)
+    _add_store_commands(sub, common)
     return p
 
 

@@ -19,16 +19,23 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
 
+from daemon.admin import admin_router
+from daemon.control import ModelControl
 from daemon.metrics import Metrics
-from daemon.registry import ModelRegistry, ServedModel
+from daemon.registry import ModelRegistry, ModelVersion, ServedModel
+from daemon.auth import require_token
 from daemon.serving import HttpServer, create_app
 from daemon.settings import Settings
 from daemon.store import ChunkStore
-from daemon.updater import UpdatePolicy, UpdateResult, UpdateWorker, record_served
+from daemon.updater import UpdatePolicy, UpdateResult, UpdateWorker
 
-__all__ = ["Daemon"]
+__all__ = ["Daemon", "StoreMismatchError"]
 
 log = logging.getLogger(__name__)
+
+
+class StoreMismatchError(RuntimeError):
+    """The latest checkpoint learnt from another store than the one configured."""
 
 
 class Daemon:
@@ -53,6 +60,7 @@ class Daemon:
         self.served = ServedModel(m.input_shape)
         self.registry = ModelRegistry(m.path, m.name, m.input_shape, m.num_classes)
         self.store: ChunkStore | None = None
+        self.control: ModelControl | None = None
         self.http: HttpServer | None = None
         self.broker: Any = None
         self.updater: UpdateWorker | None = None
@@ -77,13 +85,14 @@ class Daemon:
         try:
             self.store = ChunkStore(s.store.path, s.store.chunk_size, s.model.input_shape,
                                     s.store.val_fraction)
-            self._serve_latest()
-            app = create_app(self.served, self.metrics, self.registry.history, serve=s.serve)
-            self.http = HttpServer(app, s.serve.host, s.serve.port)
+            self.control = self._serve_latest()
+            self.http = HttpServer(self._app(self.control), s.serve.host, s.serve.port)
             self.http.start()
             self._start_broker()
             self.updater = UpdateWorker(self.store, self.registry, self.served, self.metrics,
-                                        self.policy, on_result=self.on_update)
+                                        self.policy, on_result=self.on_update,
+                                        control=self.control)
+            self.updater.prune()
             self.updater.start()
             self._start_ingestion()
         except BaseException:
@@ -94,17 +103,60 @@ class Daemon:
                  self.bootstrap_servers, s.kafka.topic)
         return self
 
-    def _serve_latest(self) -> None:
+    def _same_store(self, version: ModelVersion) -> bool:
+        """True if ``version`` learnt from this store (legacy versions: by their chunks)."""
+        assert self.store is not None
+        if version.store_id:
+            return version.store_id == self.store.store_id
+        return set(version.seen_chunk_ids) <= {str(c.id) for c in self.store.chunks()}
+
+    def _check_store(self, latest: tuple[Any, ModelVersion] | None) -> bool:
+        """Raise StoreMismatchError (or, when told, warn) if ``latest`` is another store's."""
+        if latest is None or self._same_store(latest[1]):
+            return True
+        assert self.store is not None
+        v = latest[1]
+        what = (f"learnt from store {v.store_id}" if v.store_id else
+                f"learnt chunks {list(v.seen_chunk_ids)[:5]}... that the store does not hold")
+        text = (f"the latest checkpoint {self.registry.file(v.version)} (version {v.version}) "
+                f"{what}, but the store at {self.store.path} is {self.store.store_id}: "
+                f"checkpoints of another store would skip learning this store's chunks")
+        if self.settings.model.on_store_mismatch == "refuse":
+            raise StoreMismatchError(
+                f"{text}. Point GNPD_DATA_DIR (or GNPD_STORE__PATH and GNPD_MODEL__PATH) at "
+                f"matching folders, or set GNPD_MODEL__ON_STORE_MISMATCH=fresh (gnpd run "
+                f"--on-store-mismatch fresh) to learn this store from scratch; the other "
+                f"store's checkpoints stay on disk")
+        log.warning("%s; GNPD_MODEL__ON_STORE_MISMATCH=fresh: ignoring checkpoints of other "
+                    "stores", text)
+        return False
+
+    def _app(self, control: ModelControl) -> Any:
+        """The HTTP app: serving routes plus the admin routes (rollback, pin), all but the
+        probes and /metrics behind the API token when one is set."""
+        serve = self.settings.serve
+        admin = admin_router(self.served, self.registry, self.metrics, control=control,
+                             auth=require_token(serve.api_token))
+        return create_app(self.served, self.metrics, self.registry.history, serve=serve,
+                          routers=[admin], model_status=control.status)
+
+    def _serve_latest(self) -> ModelControl:
+        """Serve the latest checkpoint of this store (or the pinned one)."""
+        assert self.store is not None
+        self.registry.clean()
         latest = self.registry.latest()
-        if latest is None:
+        if not self._check_store(latest):
+            latest = self.registry.latest(accept=self._same_store)
+        control = ModelControl(self.served, self.registry, self.metrics, self.store.store_id)
+        control.start(latest)
+        version = self.served.version
+        if version is None:
             log.info("no checkpoint in %s: serving starts after the first update",
                      self.registry.path)
-            return
-        model, version = latest
-        self.served.publish(model, version)
-        record_served(self.metrics, version)
-        log.info("serving checkpoint version %d (val accuracy %.4f)",
-                 version.version, version.val_accuracy)
+        else:
+            log.info("serving checkpoint version %d (val accuracy %.4f)",
+                     version.version, version.val_accuracy)
+        return control
 
     def _start_broker(self) -> None:
         if self.settings.kafka.bootstrap_servers:
@@ -145,6 +197,9 @@ class Daemon:
         broker, self.broker = self.broker, None
         if broker is not None:
             broker.stop()
+        store, self.store = self.store, None
+        if store is not None:
+            store.close()  # releases the store's lock for the next process
         log.info("gnpd stopped")
         return clean
 

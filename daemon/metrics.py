@@ -14,7 +14,7 @@ REJECT_REASONS = (
     "invalid_json", "not_object", "missing_field", "bad_shape",
     "non_finite", "bad_label", "too_large", "bad_type", "unstorable",
 )
-UPDATE_OUTCOMES = ("success", "failed", "abandoned")
+UPDATE_OUTCOMES = ("success", "failed", "abandoned", "infra_error")
 
 _UPDATE_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
 _PREDICT_BUCKETS = (
@@ -41,6 +41,12 @@ class Metrics:
             "gnp_model_swaps", "Model swaps into serving", registry=r)
         self.model_last_swap = Gauge(
             "gnp_model_last_swap_timestamp_seconds", "Unix time of the last model swap", registry=r)
+        self.model_pinned = Gauge(
+            "gnp_model_pinned", "Version pinned into serving (0 = not pinned): updates are "
+            "saved but not served", registry=r)
+        self.model_rollbacks = Counter(
+            "gnp_model_rollbacks", "Rollbacks of the served model (POST /v1/model/rollback)",
+            registry=r)
         self.update_epochs = Gauge(
             "gnp_update_epochs",
             "Cost of the last successful update in all-data-epoch equivalents", registry=r)
@@ -50,7 +56,13 @@ class Metrics:
             "gnp_update_duration_seconds", "Wall time of updates, all outcomes",
             buckets=_UPDATE_BUCKETS, registry=r)
         self.updates = Counter(
-            "gnp_updates", "Updates by outcome", ["outcome"], registry=r)
+            "gnp_updates", "Updates by outcome (infra_error: out of memory, full disk, "
+            "training child killed or past its time limit; never charged to chunks)",
+            ["outcome"], registry=r)
+        self.update_quarantined = Gauge(
+            "gnp_update_quarantined_chunks",
+            "Chunks left out of updates after repeated failures (persists across restarts)",
+            registry=r)
         self.update_last_success = Gauge(
             "gnp_update_last_success_timestamp_seconds",
             "Unix time of the last successful update", registry=r)
@@ -85,6 +97,10 @@ class Metrics:
             "Samples not yet trained on (open buffer plus sealed, untrained chunks)", registry=r)
         self.store_chunks = Gauge(
             "gnp_store_chunks", "Sealed chunks on disk", registry=r)
+        self.store_corrupt = Gauge(
+            "gnp_store_corrupt_chunks",
+            "Chunks whose file failed its checksum or could not be read; left out of updates",
+            registry=r)
         self.predict_requests = Counter(
             "gnp_predict_requests", "Predict requests by status", ["status"], registry=r)
         self.predict_duration = Histogram(

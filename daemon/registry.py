@@ -5,7 +5,10 @@ state dict: weights and masks, plus string metadata in the safetensors header) a
 ``v000007.json`` (a :class:`ModelVersion`, including the SHA-256 of the weights file).
 Both are written to a temp file, fsynced and renamed, the JSON last: a version exists
 only once both are complete. Loading builds a fresh model and loads the tensors
-strictly; nothing is ever unpickled.
+strictly; nothing is ever unpickled. Every version records the id of the store whose
+chunks it learnt (``store_id``). Temp files left by a crash or a failed save are
+removed (:meth:`ModelRegistry.clean`, and by ``save`` itself when it fails), and
+:meth:`ModelRegistry.prune` keeps the newest N versions plus any it is told to protect.
 
 :class:`ServedModel` holds the published ``(model, version)`` pair as one immutable
 object that is replaced by a single reference assignment, so a request reads the pair
@@ -23,7 +26,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,6 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "gnpd-checkpoint/1"
+_TMP = ".tmp"
 _NAME = re.compile(r"^v(\d{6,})\.(json|safetensors)$")
 
 Builder = Callable[[str, tuple[int, ...], int], nn.Module]
@@ -92,6 +96,8 @@ class ModelVersion:
     dense_params: int = 0
     cost: UpdateCost = UpdateCost()
     weights_sha256: str = ""
+    store_id: str = ""
+    restored_from: int | None = None  # a rollback: a copy of this version's weights
 
     @property
     def compression(self) -> float:
@@ -129,6 +135,8 @@ class ModelVersion:
             dense_params=int(d.get("dense_params", 0)),
             cost=UpdateCost(**dict(d.get("cost", {}))),
             weights_sha256=str(d.get("weights_sha256", "")),
+            store_id=str(d.get("store_id") or ""),
+            restored_from=None if d.get("restored_from") is None else int(d["restored_from"]),
         )
 
 
@@ -139,13 +147,17 @@ def _default_builder(name: str, input_shape: tuple[int, ...], num_classes: int) 
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temp file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` via a fsynced temp file and a rename (no temp left behind)."""
+    tmp = path.with_name(path.name + _TMP)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -192,16 +204,20 @@ class ModelRegistry:
             number = self._next_number()
             header = {"format": FORMAT, "version": str(number), "model_name": self.model_name,
                       "input_shape": json.dumps(list(self.input_shape)),
-                      "num_classes": str(self.num_classes)}
+                      "num_classes": str(self.num_classes), "store_id": meta.store_id}
             blob = safetensors.torch.save(tensors, metadata=header)
             version = dataclasses.replace(
                 meta, version=number, created=meta.created or time.time(),
                 model_name=self.model_name, input_shape=self.input_shape,
                 num_classes=self.num_classes, weights_sha256=hashlib.sha256(blob).hexdigest())
-            _write_atomic(self._file(number, "safetensors"), blob)
-            text = json.dumps(version.to_dict(), indent=2, sort_keys=True) + "\n"
-            _write_atomic(self._file(number, "json"), text.encode())
-            _fsync_dir(self.path)
+            try:
+                _write_atomic(self._file(number, "safetensors"), blob)
+                text = json.dumps(version.to_dict(), indent=2, sort_keys=True) + "\n"
+                _write_atomic(self._file(number, "json"), text.encode())
+                _fsync_dir(self.path)
+            except BaseException:  # e.g. ENOSPC: leave no half version behind
+                self._file(number, "safetensors").unlink(missing_ok=True)
+                raise
         log.info("saved model version %d (parent %s, val accuracy %.4f)",
                  number, version.parent, version.val_accuracy)
         return version
@@ -210,14 +226,10 @@ class ModelRegistry:
         """Every version whose metadata is readable, oldest first (weights not verified)."""
         out = []
         for number in self._numbers("json"):
-            meta = self._meta_cache.get(number)
-            if meta is None:
-                try:
-                    meta = self._meta_cache[number] = self._read_meta(number)
-                except CheckpointError as e:
-                    log.debug("skipping version %d in history: %s", number, e)
-                    continue
-            out.append(meta)
+            try:
+                out.append(self.meta(number))
+            except CheckpointError as e:
+                log.debug("skipping version %d in history: %s", number, e)
         return out
 
     def load(self, number: int) -> tuple[nn.Module, ModelVersion]:
@@ -238,14 +250,62 @@ class ModelRegistry:
         model.eval()
         return model, meta
 
-    def latest(self) -> tuple[nn.Module, ModelVersion] | None:
-        """The newest version that loads, skipping incomplete or corrupt ones; None if none."""
+    def latest(self, accept: Callable[[ModelVersion], bool] | None = None,
+               ) -> tuple[nn.Module, ModelVersion] | None:
+        """The newest version that loads (and that ``accept`` accepts); None if none.
+
+        Incomplete or corrupt versions are skipped with a warning.
+        """
         for number in reversed(self._numbers("json")):
             try:
+                if accept is not None and not accept(self.meta(number)):
+                    continue
                 return self.load(number)
             except CheckpointError as e:
                 log.warning("ignoring checkpoint: %s", e)
         return None
+
+    def meta(self, number: int) -> ModelVersion:
+        """The metadata of one version (cached); raises CheckpointError."""
+        meta = self._meta_cache.get(number)
+        if meta is None:
+            meta = self._meta_cache[number] = self._read_meta(number)
+        return meta
+
+    def file(self, number: int) -> Path:
+        """The metadata file of a version (for messages)."""
+        return self._file(number, "json")
+
+    def clean(self) -> list[Path]:
+        """Remove temp files left by a crash or a failed save; returns what was removed."""
+        removed = []
+        for p in self.path.iterdir():
+            if p.is_file() and p.name.endswith(_TMP):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        if removed:
+            log.info("removed %d temp file(s) from %s", len(removed), self.path)
+        return removed
+
+    def prune(self, keep: int, protect: Collection[int] = ()) -> list[int]:
+        """Delete all but the newest ``keep`` versions, never one in ``protect``.
+
+        The metadata file goes first, so a version interrupted half way is incomplete
+        (and skipped), never a metadata file without weights. Returns the numbers deleted.
+        """
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        numbers = self._numbers()
+        doomed = [n for n in numbers[:-keep] if n not in set(protect)]
+        for number in doomed:
+            with self._lock:
+                self._file(number, "json").unlink(missing_ok=True)
+                self._file(number, "safetensors").unlink(missing_ok=True)
+                self._meta_cache.pop(number, None)
+        if doomed:
+            log.info("deleted %d old version(s) %s (keeping the newest %d)",
+                     len(doomed), doomed, keep)
+        return doomed
 
     # -- helpers --------------------------------------------------------------
 
@@ -255,8 +315,8 @@ class ModelRegistry:
     def _numbers(self, ext: str | None = None) -> list[int]:
         found = set()
         for p in self.path.iterdir():
-            m = _NAME.match(p.name.removesuffix(".tmp"))
-            if m and (ext is None or (m.group(2) == ext and not p.name.endswith(".tmp"))):
+            m = _NAME.match(p.name.removesuffix(_TMP))
+            if m and (ext is None or (m.group(2) == ext and not p.name.endswith(_TMP))):
                 found.add(int(m.group(1)))
         return sorted(found)
 

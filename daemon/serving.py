@@ -29,13 +29,13 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
@@ -137,7 +137,8 @@ def _version_summary(v: ModelVersion) -> dict[str, Any]:
 def create_app(served: ServedModel, metrics: Metrics,
                history: Callable[[], list[ModelVersion]] = list,
                max_instances: int = MAX_INSTANCES, *,
-               serve: ServeSettings | None = None) -> FastAPI:
+               serve: ServeSettings | None = None, routers: Sequence[APIRouter] = (),
+               model_status: Callable[[], dict[str, Any]] | None = None) -> FastAPI:
     """The FastAPI application answering from ``served``.
 
     Args:
@@ -146,6 +147,9 @@ def create_app(served: ServedModel, metrics: Metrics,
         history: returns every saved version (for ``/v1/model``).
         max_instances: most instances per predict request.
         serve: API token, body limit and predict threads (defaults: ``ServeSettings()``).
+        routers: more routes (the admin routes of daemon.admin), added as they are: they
+            carry their own dependencies (the token).
+        model_status: extra fields for ``/v1/model`` (pin and head, from daemon.control).
 
     ``app.state.require_token`` is the token dependency, for endpoints added later.
     """
@@ -155,7 +159,9 @@ def create_app(served: ServedModel, metrics: Metrics,
                   **({"docs_url": None, "redoc_url": None, "openapi_url": None} if closed else {}))
     app.state.require_token = auth = require_token(serve.api_token)
     _add_predict(app, served, metrics, max_instances, serve, auth)
-    _add_status(app, served, metrics, history, auth)
+    _add_status(app, served, metrics, history, auth, model_status)
+    for router in routers:
+        app.include_router(router)
     return app
 
 
@@ -201,7 +207,8 @@ def _add_predict(app: FastAPI, served: ServedModel, metrics: Metrics, limit: int
 
 
 def _add_status(app: FastAPI, served: ServedModel, metrics: Metrics,
-                history: Callable[[], list[ModelVersion]], auth: Dependency) -> None:
+                history: Callable[[], list[ModelVersion]], auth: Dependency,
+                model_status: Callable[[], dict[str, Any]] | None = None) -> None:
     @app.get("/v1/model", dependencies=[Depends(auth)])
     def model_info() -> JSONResponse:
         """The served version, its accuracy, size and cost, and the update history."""
@@ -212,6 +219,7 @@ def _add_status(app: FastAPI, served: ServedModel, metrics: Metrics,
         info.update(model_name=v.model_name, input_shape=list(v.input_shape),
                     num_classes=v.num_classes, seen_chunks=len(v.seen_chunk_ids),
                     history=[_version_summary(h) for h in history()])
+        info.update(model_status() if model_status is not None else {})
         return JSONResponse(info)
 
     # The probes and /metrics are `async def`: they run on the event loop itself, so no

@@ -5,6 +5,11 @@ between section and field (``GNPD_STORE__CHUNK_SIZE=5000``,
 ``GNPD_MODEL__INPUT_SHAPE='[1,28,28]'``), from a ``.env`` file, or by keyword
 arguments in tests (``Settings(store={"chunk_size": 10})``). Build it once in
 ``main()`` with :func:`load_settings` and pass the sections down.
+
+Store and checkpoints live under one data directory (``GNPD_DATA_DIR``, default
+``/var/lib/gnpd``: ``<data_dir>/store`` and ``<data_dir>/models``); an explicit
+``GNPD_STORE__PATH`` / ``GNPD_MODEL__PATH`` overrides either. After validation both
+paths are always set.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ ENV_PREFIX = "GNPD_"
 _NESTED = "__"
 _MIN_TOKEN = 16
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+DEFAULT_DATA_DIR = Path("/var/lib/gnpd")
 
 
 class _Section(BaseModel):
@@ -162,8 +168,9 @@ def _check_topic_name(name: str, what: str = "") -> None:
 class StoreSettings(_Section):
     """The on-disk Arrow chunk store."""
 
-    path: Path = Field(Path("data/store"),
-                       description="folder of the Arrow chunks and manifest.json (a volume)")
+    path: Path | None = Field(
+        None, description="folder of the Arrow chunks and manifest.json; default "
+                          "<GNPD_DATA_DIR>/store")
     chunk_size: int = Field(5000, gt=0, description="samples per chunk; each sealed chunk triggers an update")
     val_fraction: float = Field(
         0.1, gt=0.0, lt=0.5, description="share of each chunk held out for validation")
@@ -178,7 +185,15 @@ class ModelSettings(_Section):
         default_factory=lambda: [1, 28, 28],
         description="shape of one sample's features (C, H, W): '[1,28,28]', '1,28,28' or '1x28x28'")
     num_classes: int = Field(10, ge=2, description="labels are integers in [0, num_classes)")
-    path: Path = Field(Path("data/models"), description="folder of the checkpoints (a volume)")
+    path: Path | None = Field(
+        None, description="folder of the checkpoints; default <GNPD_DATA_DIR>/models")
+    keep_versions: int = Field(
+        20, ge=1, description="checkpoints kept; older ones are deleted (never the served, "
+                              "pinned or latest one)")
+    on_store_mismatch: Literal["refuse", "fresh"] = Field(
+        "refuse", description="latest checkpoint learnt from another store: refuse to start "
+                              "(naming both paths), or fresh = ignore that store's checkpoints "
+                              "and learn this store from scratch")
 
     @field_validator("input_shape", mode="before")
     @classmethod
@@ -256,8 +271,25 @@ class TrainSettings(_Section):
     min_accuracy: float = Field(
         0.0, ge=0.0, le=1.0, description="an update below this validation accuracy fails")
     max_accuracy_drop: float = Field(
-        0.2, ge=0.0, le=1.0,
-        description="an update more than this below the served model's accuracy fails")
+        0.03, ge=0.0, le=1.0,
+        description="an update more than this below the best reference accuracy fails (the "
+                    "served, head and recent versions, on the same validation set)")
+    gate_versions: int = Field(
+        5, ge=0, description="recent versions (besides the served and head ones) an update "
+                             "is compared with")
+    max_attempts: int = Field(
+        2, ge=1, description="failed updates a chunk may be part of before it is quarantined")
+    update_timeout_seconds: float = Field(
+        6 * 3600.0, gt=0.0, description="the training child is killed past this (a hang); "
+                                        "counted as an infrastructure error")
+    replay_memory_bytes: int = Field(
+        2 * 2**30, gt=0, description="memory the training child holds samples in (new, "
+                                     "replay and validation); older chunks beyond it are not "
+                                     "replayed, pending ones beyond half of it wait")
+    child_memory_bytes: int = Field(
+        0, ge=0, description="private memory the training child may allocate beyond its "
+                             "start-up (Linux RLIMIT_DATA; the memory-mapped store does not "
+                             "count); 0 = no limit")
 
 
 class Settings(BaseSettings):
@@ -272,11 +304,34 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
+    data_dir: Path = Field(
+        DEFAULT_DATA_DIR, description="where the store and the checkpoints live by default "
+                                      "(<data_dir>/store, <data_dir>/models)")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_under_data_dir(cls, data: Any) -> Any:
+        # Fill store.path / model.path from data_dir unless given (env vars, .env, kwargs).
+        if not isinstance(data, dict):
+            return data
+        root = Path(data.get("data_dir") or DEFAULT_DATA_DIR)
+        out = dict(data)
+        for section, sub in (("store", "store"), ("model", "models")):
+            value = out.get(section)
+            if isinstance(value, BaseModel):
+                if value.path is None:  # type: ignore[attr-defined]
+                    out[section] = value.model_copy(update={"path": root / sub})
+            else:
+                value = dict(value or {})
+                if value.get("path") in (None, ""):
+                    value["path"] = root / sub
+                out[section] = value
+        return out
 
 
 class SettingsError(ValueError):

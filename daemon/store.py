@@ -9,10 +9,15 @@ Layout under ``path``::
 Samples are buffered in memory and *sealed* into an immutable Arrow IPC file
 each time ``chunk_size`` of them have arrived. A seal writes the chunk to a temp
 file, fsyncs it, renames it into place, then replaces the manifest the same way.
-The manifest is the only source of truth: at start-up, chunk files it does not
-list (a crash between the rename and the manifest write) and temp files are
-deleted, and ingestion resumes from the manifest's ``next_offsets`` -- the
-messages of the lost chunk and of the open buffer are read again from Kafka.
+The manifest is the only source of truth: at start-up, temp files and a chunk file
+it does not list that a crash between the rename and the manifest write explains
+(numbered after the last listed chunk, every offset at or past ``next_offsets``) are
+deleted, and ingestion resumes from the manifest's ``next_offsets`` -- the messages
+of the lost chunk and of the open buffer are read again from Kafka. Any other
+unlisted chunk file is moved to ``orphans/``, never deleted. A missing (while chunk
+files exist) or unreadable manifest refuses to open with the way out
+(``gnpd store rebuild-manifest``); see :mod:`daemon.manifest`. An open store holds
+an exclusive lock on ``<path>/lock``: a second process gets :class:`StoreLockedError`.
 
 Offsets: ``next_offsets[p]`` is one past the last message of partition ``p``
 *consumed* before the seal, valid or rejected. The ingestor reports rejected
@@ -22,44 +27,32 @@ described in ``schemas/chunk.md``.
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import crc32c
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
+from daemon.manifest import (
+    CHUNK_DIR as _CHUNK_DIR, CHUNK_SCHEMA_VERSION, ChunkInfo, Manifest, StoreError, StoreLock,
+    StoreLockedError, new_store_id, read_manifest, sweep_strays, verify_chunk,
+    write_atomic as _write_atomic, write_manifest,
+)
 from daemon.messages import Sample
 
-__all__ = ["CHUNK_SCHEMA_VERSION", "ChunkInfo", "ChunkStore", "UnstorableError", "chunk_schema",
-           "val_mask"]
+__all__ = ["CHUNK_SCHEMA_VERSION", "ChunkInfo", "ChunkStore", "StoreError", "StoreLockedError",
+           "UnstorableError", "chunk_schema", "val_mask"]
 
 log = logging.getLogger(__name__)
-
-CHUNK_SCHEMA_VERSION = 1
-_MANIFEST = "manifest.json"
-_CHUNK_DIR = "chunks"
-_TMP_SUFFIX = ".tmp"
-
-
-@dataclass(frozen=True)
-class ChunkInfo:
-    """A sealed chunk: ``offsets[p] = (first, last)`` Kafka offsets of its samples."""
-
-    id: int
-    path: Path
-    rows: int
-    offsets: dict[int, tuple[int, int]]
-    created: float
 
 
 class UnstorableError(ValueError):
@@ -118,6 +111,11 @@ class ChunkStore:
 
     Thread-safety: one writer (the ingest thread) calls append/skip/flush; any
     thread may call chunks(), dataset() and the offset getters.
+
+    Raises:
+        StoreError: the manifest is missing (while chunk files exist) or unreadable, or
+            holds another input shape; the message names the path and the way out.
+        StoreLockedError: another process (or another open ChunkStore) uses the store.
     """
 
     def __init__(self, path: str | Path, chunk_size: int, input_shape: Sequence[int],
@@ -138,8 +136,36 @@ class ChunkStore:
         self._chunks: list[ChunkInfo] = []
         self._next: dict[int, int] = {}
         self._topic_id: str | None = None
-        self._load()
+        self._store_id = ""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_file: StoreLock | None = StoreLock(self.path)
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
         self._reset_buffer()
+
+    @property
+    def store_id(self) -> str:
+        """This store's identity (created with the store; recorded in every checkpoint)."""
+        return self._store_id
+
+    def close(self) -> None:
+        """Release the store's lock (idempotent); the open buffer is not sealed."""
+        lock, self._lock_file = self._lock_file, None
+        if lock is not None:
+            lock.release()
+
+    def __enter__(self) -> ChunkStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def verify(self, chunk: ChunkInfo) -> str | None:
+        """Why a sealed chunk's file cannot be used (see :func:`daemon.manifest.verify_chunk`)."""
+        return verify_chunk(chunk, self.input_size)
 
     # ---- offsets ---------------------------------------------------------------
 
@@ -263,8 +289,10 @@ class ChunkStore:
         final = self.path / _CHUNK_DIR / f"chunk-{chunk_id:06d}.arrow"
         try:
             table = self._encode(samples)
-            _write_atomic(final, lambda f: _write_ipc(f, table))
-            info = ChunkInfo(chunk_id, final, len(samples), _offset_ranges(table), time.time())
+            data = _ipc_bytes(table)
+            _write_atomic(final, lambda f: f.write(data))
+            info = ChunkInfo(chunk_id, final, len(samples), _offset_ranges(table), time.time(),
+                             crc32c.crc32c(data))
             next_offsets = dict(self._consumed)
             self._write_manifest(self._chunks + [info], next_offsets)
         except BaseException:
@@ -360,48 +388,29 @@ class ChunkStore:
 
     def _load(self) -> None:
         (self.path / _CHUNK_DIR).mkdir(parents=True, exist_ok=True)
-        manifest = self.path / _MANIFEST
-        if manifest.exists():
-            doc = json.loads(manifest.read_text(encoding="utf-8"))
-            if doc.get("input_shape") != list(self.input_shape):
-                raise ValueError(f"store {self.path} holds input_shape {doc.get('input_shape')}, "
-                                 f"not {list(self.input_shape)}")
-            self._chunks = [self._chunk_from_json(c) for c in doc["chunks"]]
-            self._next = {int(p): int(o) for p, o in doc["next_offsets"].items()}
-            self._topic_id = doc.get("topic_id")
-        self._remove_strays()
-
-    def _chunk_from_json(self, c: dict) -> ChunkInfo:
-        path = self.path / _CHUNK_DIR / c["file"]
-        if not path.exists():
-            raise FileNotFoundError(f"chunk file {path} listed in the manifest is missing")
-        offsets = {int(p): (int(a), int(b)) for p, (a, b) in c["offsets"].items()}
-        return ChunkInfo(int(c["id"]), path, int(c["rows"]), offsets, float(c["created"]))
-
-    def _remove_strays(self) -> None:
-        """Delete temp files and chunk files the manifest does not list."""
-        listed = {c.path.name for c in self._chunks}
-        for entry in (self.path / _CHUNK_DIR).iterdir():
-            if entry.is_file() and entry.name not in listed:
-                log.warning("removing %s: not in the manifest (left by a crash)", entry)
-                entry.unlink()
-        (self.path / (_MANIFEST + _TMP_SUFFIX)).unlink(missing_ok=True)
+        manifest = read_manifest(self.path)
+        if manifest is None:  # a new store: its identity is durable from the start
+            self._store_id = new_store_id()
+            log.info("new store %s (id %s)", self.path, self._store_id)
+            self._write_manifest([], {})
+        else:
+            if list(manifest.input_shape) != list(self.input_shape):
+                raise ValueError(f"store {self.path} holds input_shape "
+                                 f"{list(manifest.input_shape)}, not {list(self.input_shape)}")
+            self._chunks = list(manifest.chunks)
+            self._next = dict(manifest.next_offsets)
+            self._topic_id = manifest.topic_id
+            self._store_id = manifest.store_id
+            if not self._store_id:  # written before stores had an identity: give it one now
+                self._store_id = new_store_id()
+                log.info("store %s had no identity; it is now %s", self.path, self._store_id)
+                self._write_manifest(self._chunks, self._next)
+        sweep_strays(self.path, self._chunks, self._next)
 
     def _write_manifest(self, chunks: list[ChunkInfo], next_offsets: dict[int, int]) -> None:
-        doc = {
-            "version": CHUNK_SCHEMA_VERSION,
-            "input_shape": list(self.input_shape),
-            "chunk_size": self.chunk_size,
-            "val_fraction": self.val_fraction,
-            "topic_id": self._topic_id,
-            "next_offsets": {str(p): o for p, o in sorted(next_offsets.items())},
-            "chunks": [{
-                "id": c.id, "file": c.path.name, "rows": c.rows, "created": c.created,
-                "offsets": {str(p): list(r) for p, r in sorted(c.offsets.items())},
-            } for c in chunks],
-        }
-        data = json.dumps(doc, indent=1).encode("utf-8")
-        _write_atomic(self.path / _MANIFEST, lambda f: f.write(data))
+        write_manifest(self.path, Manifest(
+            self._store_id, self.input_shape, self.chunk_size, self.val_fraction,
+            self._topic_id, dict(next_offsets), tuple(chunks)))
 
 
 def _offset_ranges(table: pa.Table) -> dict[int, tuple[int, int]]:
@@ -411,30 +420,14 @@ def _offset_ranges(table: pa.Table) -> dict[int, tuple[int, int]]:
             for p in np.unique(parts)}
 
 
-def _write_ipc(f, table: pa.Table) -> None:
-    with ipc.new_file(f, table.schema) as writer:
+def _ipc_bytes(table: pa.Table) -> bytes:
+    """The Arrow IPC file of ``table`` in memory (its checksum is taken before writing)."""
+    sink = io.BytesIO()
+    with ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
+    return sink.getvalue()
 
 
 def _read_ipc(path: Path) -> pa.Table:
     with pa.memory_map(str(path), "r") as source:
         return ipc.open_file(source).read_all()
-
-
-def _write_atomic(final: Path, write) -> None:
-    """Write via ``write(file)`` to a temp file, fsync, rename over ``final``, fsync the dir."""
-    tmp = final.with_name(final.name + _TMP_SUFFIX)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -181,3 +181,54 @@ def test_served_model_predicts_with_the_published_version(tmp_path):
     assert served.predict(x.reshape(3, *SHAPE)).labels.tolist() == labels.tolist()
     with pytest.raises(ValueError, match="shape"):
         served.predict(np.zeros((2, 63), np.float32))
+
+
+def test_prune_keeps_the_newest_and_the_protected_versions(tmp_path):
+    reg = _registry(tmp_path)
+    for i in range(5):
+        reg.save(_trained_like_model(i), _meta())
+    assert reg.prune(keep=2, protect={1}) == [2, 3]
+    assert [v.version for v in reg.history()] == [1, 4, 5]
+    assert sorted(p.name for p in reg.path.iterdir()) == [
+        f"v{n:06d}.{ext}" for n in (1, 4, 5) for ext in ("json", "safetensors")]
+    assert reg.save(_trained_like_model(9), _meta()).version == 6  # numbers never reused
+    with pytest.raises(ValueError, match="keep"):
+        reg.prune(keep=0)
+
+
+def test_clean_removes_temp_files_left_by_a_crash(tmp_path):
+    reg = _registry(tmp_path)
+    reg.save(_trained_like_model(0), _meta())
+    (reg.path / "v000002.safetensors.tmp").write_bytes(b"half")
+    (reg.path / "v000002.json.tmp").write_text("{")
+    assert {p.name for p in reg.clean()} == {"v000002.safetensors.tmp", "v000002.json.tmp"}
+    assert sorted(p.name for p in reg.path.iterdir()) == ["v000001.json", "v000001.safetensors"]
+
+
+SAVE_UNDER_FILE_LIMIT = """
+import resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+import gnp
+from daemon.registry import ModelRegistry, ModelVersion
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+reg = ModelRegistry(sys.argv[1], "lenet-300-100", (1, 8, 8), 10)
+meta = ModelVersion(version=0, parent=None, created=0.0, model_name="", input_shape=(),
+                    num_classes=0)
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))
+try:
+    reg.save(gnp.build_model("lenet-300-100", (1, 8, 8), 10), meta)
+except OSError as e:
+    print("OSError", e.errno)
+"""
+
+
+def test_a_failed_save_leaves_no_temp_file_and_no_version(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-c", SAVE_UNDER_FILE_LIMIT, str(tmp_path / "m"),
+                           repo], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith("OSError 27"), proc.stdout + proc.stderr  # EFBIG
+    assert list((tmp_path / "m").iterdir()) == []

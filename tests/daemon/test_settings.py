@@ -27,7 +27,10 @@ def test_defaults() -> None:
     assert s.kafka.effective_dlq_topic == "samples.dlq"
     assert s.kafka.group_id == "gnpd"
     assert s.store.chunk_size == 5000 and s.store.val_fraction == 0.1
-    assert s.store.path == Path("data/store")
+    assert s.data_dir == Path("/var/lib/gnpd")  # one data folder, not the working directory
+    assert s.store.path == Path("/var/lib/gnpd/store")
+    assert s.model.path == Path("/var/lib/gnpd/models")
+    assert s.model.on_store_mismatch == "refuse"
     assert s.model.input_shape == [1, 28, 28] and s.model.input_size == 784
     assert s.model.num_classes == 10
     assert s.serve.port == 8000
@@ -48,6 +51,18 @@ def test_env_nested(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.store.path == Path("/var/lib/gnpd")
     assert s.model.input_shape == [1, 8, 8] and s.model.input_size == 64
     assert s.train.device == "cpu"
+
+
+def test_data_dir_holds_store_and_models_unless_overridden(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GNPD_DATA_DIR", "/srv/gnpd")
+    s = Settings()
+    assert (s.store.path, s.model.path) == (Path("/srv/gnpd/store"), Path("/srv/gnpd/models"))
+    monkeypatch.setenv("GNPD_MODEL__PATH", "/elsewhere/models")
+    s = Settings()
+    assert (s.store.path, s.model.path) == (Path("/srv/gnpd/store"), Path("/elsewhere/models"))
+    s = Settings(data_dir="/d", store={"chunk_size": 3})
+    assert s.store.path == Path("/d/store") and s.store.chunk_size == 3
 
 
 def test_short_shape_syntax_and_explicit_dlq(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
+from daemon.manifest import read_manifest
 from daemon.messages import Sample
-from daemon.store import ChunkStore, chunk_schema, val_mask
+from daemon.store import ChunkStore, StoreError, chunk_schema, val_mask
 
 SHAPE = (1, 2, 2)
 
@@ -59,6 +60,7 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     store.append([sample(0, 6)])
     doc = json.loads((tmp_path / "manifest.json").read_text())
     assert doc["next_offsets"] == {"0": 6, "1": 6}
+    store.close()
     again = make(tmp_path)
     assert again.chunks() == store.chunks()
     assert again.next_offsets() == {0: 6, 1: 6}
@@ -131,13 +133,18 @@ def _val_ids(table: pa.Table) -> set[str]:
 
 
 def test_orphans_and_temp_files_are_removed(tmp_path: Path) -> None:
-    store = make(tmp_path)
+    store = make(tmp_path / "s")
     store.append([sample(0, i) for i in range(4)])
-    chunks = tmp_path / "chunks"
+    store.close()
+    with make(tmp_path / "other") as other:  # the chunk a crash would have left: offsets 4..7
+        other.append([sample(0, i) for i in range(4, 8)])
+    chunks = tmp_path / "s" / "chunks"
     # A crash after renaming chunk 2 but before the manifest, and half-written temps:
-    (chunks / "chunk-000002.arrow").write_bytes((chunks / "chunk-000001.arrow").read_bytes())
+    (chunks / "chunk-000002.arrow").write_bytes(
+        (tmp_path / "other" / "chunks" / "chunk-000001.arrow").read_bytes())
     (chunks / "chunk-000003.arrow.tmp").write_bytes(b"partial")
-    (tmp_path / "manifest.json.tmp").write_text("{")
+    (tmp_path / "s" / "manifest.json.tmp").write_text("{")
+    tmp_path = tmp_path / "s"
     again = make(tmp_path)
     assert sorted(p.name for p in chunks.iterdir()) == ["chunk-000001.arrow"]
     assert not (tmp_path / "manifest.json.tmp").exists()
@@ -150,7 +157,7 @@ def test_orphans_and_temp_files_are_removed(tmp_path: Path) -> None:
 def test_missing_listed_chunk_is_an_error(tmp_path: Path) -> None:
     make(tmp_path).append([sample(0, i) for i in range(4)])
     (tmp_path / "chunks" / "chunk-000001.arrow").unlink()
-    with pytest.raises(FileNotFoundError, match="chunk-000001"):
+    with pytest.raises(StoreError, match="chunk-000001.*rebuild-manifest"):
         make(tmp_path)
 
 
@@ -165,6 +172,7 @@ def test_skipped_offsets_advance_next_offsets(tmp_path: Path) -> None:
     assert chunk.rows == 3
     assert store.next_offsets() == {0: 3, 1: 3}  # rejected offsets before the seal count
     assert store.skip(0, 3)           # after the seal: not durable until the next one
+    store.close()
     assert make(tmp_path).next_offsets() == {0: 3, 1: 3}
 
 
@@ -204,13 +212,14 @@ def test_new_topic_id_restarts_offsets(tmp_path: Path) -> None:
     store = make(tmp_path)
     assert not store.bind_topic("id-1")  # first binding: nothing to reset
     store.append([sample(0, i) for i in range(6)])
-    assert make(tmp_path).topic_id == "id-1"  # saved with the seal
+    assert read_manifest(tmp_path).topic_id == "id-1"  # saved with the seal
     assert not store.bind_topic("id-1") and store.buffered == 2
     assert store.bind_topic("id-2")
     assert store.positions() == {} and store.buffered == 0
     store.discard_buffer()  # an error before the next seal must not bring old offsets back
     assert store.positions() == {} and store.next_offsets() == {}
     store.append([sample(0, i) for i in range(4)])  # offsets 0.. of the new topic
+    store.close()
     again = make(tmp_path)
     assert again.topic_id == "id-2" and again.next_offsets() == {0: 4}
     assert not again.bind_topic(None)

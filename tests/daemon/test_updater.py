@@ -1,12 +1,13 @@
-"""The update worker over a real chunk store and registry, with gnp's update or a stand-in."""
+"""The update worker over a real chunk store and registry, training in a real child process.
+
+gnp's update runs in the child, or a stand-in from ``tests/daemon/fake_updates.py``
+(named by ``module:function``: the child imports it).
+"""
 
 from __future__ import annotations
 
-import copy
-import math
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 import gnp
 from daemon.messages import Sample
 from daemon.metrics import Metrics
-from daemon.registry import ModelRegistry, ServedModel
+from daemon.registry import ModelRegistry, ModelVersion, ServedModel
 from daemon.store import ChunkStore
 from daemon.updater import UpdatePolicy, UpdateWorker
 
@@ -23,6 +24,7 @@ SHAPE = (1, 8, 8)
 CHUNK = 200
 TINY = gnp.Schedule(new_epochs=1, all_epochs=1, baseline_epochs=2, grow_every=1,
                     prune=gnp.PruneConfig(max_iterations=2, retrain_epochs=0.5))
+FAKE = "tests.daemon.fake_updates:"
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +38,11 @@ class Env:
 
     def __init__(self, tmp_path, digits) -> None:
         self.x, self.y = digits
+        self.path = tmp_path
         self.store = ChunkStore(tmp_path / "store", CHUNK, SHAPE, val_fraction=0.2)
         self.registry = ModelRegistry(tmp_path / "models", "lenet-300-100", SHAPE, 10)
         self.served, self.metrics = ServedModel(SHAPE), Metrics()
         self.offset = 0
-        self.calls: list[dict] = []
 
     def seal(self, chunks: int = 1) -> None:
         for _ in range(chunks):
@@ -49,20 +51,23 @@ class Env:
                                for i in rows])
             self.offset += CHUNK
 
-    def worker(self, update_fn=None, **policy) -> UpdateWorker:
-        policy = {"device": "cpu", "schedule": TINY, "max_accuracy_drop": 1.0, **policy}
-        inner = update_fn or gnp.update
-
-        def recording(method, model, **kw):
-            self.calls.append({"model": model, **kw})
-            return inner(method, model, **kw)
-
+    def worker(self, update_fn: str = "gnp:update", **policy) -> UpdateWorker:
+        policy = {"device": "cpu", "schedule": TINY, "max_accuracy_drop": 1.0,
+                  "update_fn": update_fn, **policy}
         return UpdateWorker(self.store, self.registry, self.served, self.metrics,
-                            UpdatePolicy(**policy), update_fn=recording)
+                            UpdatePolicy(**policy))
 
     def sample(self, name: str, labels: dict | None = None) -> float:
         value = self.metrics.registry.get_sample_value(name, labels or {})
         return 0.0 if value is None else value
+
+    def learnt_first_chunk(self) -> None:
+        """Seal chunk 1 and serve a saved (untrained) version that learnt it: no update run."""
+        self.seal()
+        v = self.registry.save(gnp.build_model("lenet-300-100", SHAPE, 10), ModelVersion(
+            version=0, parent=None, created=0.0, model_name="", input_shape=(), num_classes=0,
+            chunk_ids=("1",), seen_chunk_ids=("1",), store_id=self.store.store_id))
+        self.served.publish(*self.registry.load(v.version))
 
 
 @pytest.fixture
@@ -83,9 +88,10 @@ def test_first_update_trains_saves_publishes_and_records(env):
     assert 0.0 <= v.val_accuracy <= 1.0 and 0 < v.active_params <= v.dense_params
     assert v.cost.sample_passes > 0 and v.cost.epochs > 0
     assert env.served.version == v and env.registry.latest()[1] == v
-    assert env.calls[0]["model"] is None
-    assert len(env.calls[0]["new"]) == len(env.calls[0]["all"]) == CHUNK * 0.8
-    assert len(env.calls[0]["val"]) == CHUNK * 0.2
+    assert v.parent is None and v.store_id == env.store.store_id
+    assert result.samples == {"new": CHUNK * 0.8, "replay": CHUNK * 0.8, "val": CHUNK * 0.2}
+    assert not (env.registry.path / ".work").exists() or \
+        not list((env.registry.path / ".work").iterdir())  # the candidate is cleaned up
 
     assert env.sample("gnp_model_version") == 1
     assert env.sample("gnp_model_accuracy") == pytest.approx(v.val_accuracy)
@@ -115,86 +121,56 @@ def test_next_update_learns_only_pending_chunks_together_and_replays_all(env):
     v = result.version
     assert v.version == 2 and v.parent == first.version
     assert v.seen_chunk_ids == ("1", "2", "3") and set(v.offsets) == {"2", "3"}
-    call = env.calls[1]
-    assert call["model"] is not served_model  # a deep copy is trained
-    assert len(call["new"]) == 2 * CHUNK * 0.8 and len(call["all"]) == 3 * CHUNK * 0.8
-    assert len(call["val"]) == 3 * CHUNK * 0.2
+    assert result.samples == {"new": 2 * CHUNK * 0.8, "replay": 3 * CHUNK * 0.8,
+                              "val": 3 * CHUNK * 0.2}
     # The published model of version 1 was never touched by the second update.
     assert all(torch.equal(before[k], t) for k, t in served_model.state_dict().items())
     assert env.served.version.version == 2 and env.sample("gnp_model_swaps_total") == 2
 
 
-def _fake_result(model, accuracy=0.9, poison=False):
-    model = copy.deepcopy(model) if model is not None else gnp.build_model(
-        "lenet-300-100", SHAPE, 10)
-    if poison:
-        with torch.no_grad():
-            next(model.parameters()).fill_(math.nan)
-    return SimpleNamespace(
-        model=model, val_accuracy=accuracy, params=gnp.count_parameters(model),
-        cost=SimpleNamespace(sample_passes=10, epochs=0.1, wall_seconds=0.01, device="cpu"))
-
-
-def _raises(method, model, **kw):
-    raise RuntimeError("boom")
-
-
 FAILURES = {
-    "raises": (_raises, {}, "RuntimeError: boom"),
-    "diverged": (lambda m, model, **kw: (_ for _ in ()).throw(gnp.TrainingDiverged("nan loss")),
-                 {}, "TrainingDiverged"),
-    "nan weights": (lambda m, model, **kw: _fake_result(model, poison=True), {}, "non-finite"),
-    "nan accuracy": (lambda m, model, **kw: _fake_result(model, accuracy=math.nan), {},
-                     "non-finite"),
-    "accuracy collapse": (lambda m, model, **kw: _fake_result(model, accuracy=0.01),
-                          {"min_accuracy": 0.05}, "below the floor"),
+    "raises": ("raises", {}, "RuntimeError while training: boom"),
+    "diverged": ("diverged", {}, "TrainingDiverged"),
+    "nan weights": ("nan_weights", {}, "non-finite"),
+    "nan accuracy": ("nan_accuracy", {}, "non-finite"),
+    "accuracy collapse": ("collapse", {"min_accuracy": 0.05}, "below the floor"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(FAILURES))
 def test_failed_update_keeps_the_served_model_and_counts_failed(env, case):
     fn, policy, reason = FAILURES[case]
-    env.seal()
-    assert env.worker(update_fn=lambda m, model, **kw: _fake_result(model),
-                      **policy).update_pending().outcome == "success"
+    env.learnt_first_chunk()
     served_before = env.served.current()
     env.seal()
-    worker = env.worker(update_fn=fn, **policy)
+    worker = env.worker(update_fn=FAKE + fn, **policy)
     result = worker.update_pending()
 
     assert result.outcome == "failed" and reason in result.reason
     assert env.served.current() == served_before  # same model object, same version
     assert [v.version for v in env.registry.history()] == [1]
     assert env.sample("gnp_updates_total", {"outcome": "failed"}) == 1
-    assert env.sample("gnp_model_version") == 1
     assert [c.id for c in worker.pending()] == [2]  # still pending for a retry
-    assert env.sample("gnp_update_duration_seconds_count") == 2  # both attempts timed
+    assert env.sample("gnp_update_duration_seconds_count") == 1
+    assert worker.ledger.failures("2") == 1  # charged to the chunk, durably
 
 
 def test_collapse_floor_is_relative_to_the_served_model(env):
+    env.learnt_first_chunk()
     env.seal()
-    env.worker(update_fn=lambda m, model, **kw: _fake_result(model)).update_pending()
-    env.seal()
-    evaluated = []
-    worker = UpdateWorker(env.store, env.registry, env.served, env.metrics,
-                          UpdatePolicy(device="cpu", max_accuracy_drop=0.1),
-                          update_fn=lambda m, model, **kw: _fake_result(model, accuracy=0.75),
-                          evaluate_fn=lambda model, data: evaluated.append(len(data)) or 0.9)
+    worker = env.worker(update_fn=FAKE + "accuracy_075", evaluate_fn=FAKE + "evaluate_09",
+                        max_accuracy_drop=0.1)
     result = worker.update_pending()
     assert result.outcome == "failed" and "0.7500 below the floor 0.8000" in result.reason
-    assert evaluated == [2 * CHUNK * 0.2]  # the served model is judged on the same val set
+    assert result.samples["val"] == 2 * CHUNK * 0.2  # the served model is judged on this set
 
 
-def test_a_chunk_failing_twice_is_quarantined_and_later_updates_proceed(env):
+def test_a_chunk_failing_twice_is_quarantined_and_later_updates_proceed(env, monkeypatch):
     env.seal()
-    outcomes = iter(["ok", "fail", "fail", "ok"])
-
-    def scripted(method, model, **kw):
-        if next(outcomes) == "fail":
-            raise RuntimeError("poisoned")
-        return _fake_result(model)
-
-    worker = env.worker(update_fn=scripted)
+    script = env.path / "script"
+    script.write_text("ok fail fail ok")
+    monkeypatch.setenv("GNPD_TEST_UPDATE_SCRIPT", str(script))
+    worker = env.worker(update_fn=FAKE + "scripted")
     assert worker.update_pending().outcome == "success"
     env.seal()  # chunk 2
     first = worker.update_pending()
@@ -206,8 +182,7 @@ def test_a_chunk_failing_twice_is_quarantined_and_later_updates_proceed(env):
     env.seal()  # chunk 4
     third = worker.update_pending()
     assert third.outcome == "success" and third.chunk_ids == ("3", "4")
-    call = env.calls[-1]
-    assert len(call["all"]) == 3 * CHUNK * 0.8  # chunks 1, 3, 4: the quarantined one left out
+    assert third.samples["replay"] == 3 * CHUNK * 0.8  # chunks 1, 3, 4: not the quarantined one
     assert env.sample("gnp_updates_total", {"outcome": "failed"}) == 2
     assert env.sample("gnp_store_buffered_samples") == 0
 
@@ -252,8 +227,21 @@ def test_policy_from_settings():
     from daemon.settings import Settings
 
     s = Settings(train={"device": "cpu", "schedule": "quick", "stop_timeout_seconds": 7,
-                        "min_accuracy": 0.3, "max_accuracy_drop": 0.05})
+                        "min_accuracy": 0.3, "max_accuracy_drop": 0.05, "max_attempts": 3,
+                        "update_timeout_seconds": 60, "replay_memory_bytes": 10**6,
+                        "child_memory_bytes": 10**9})
     p = UpdatePolicy.from_settings(s)
     assert (p.device, p.schedule, p.stop_timeout, p.min_accuracy, p.max_accuracy_drop) == (
         "cpu", "quick", 7.0, 0.3, 0.05)
+    assert (p.max_attempts, p.timeout, p.replay_memory_bytes, p.child_memory_bytes) == (
+        3, 60.0, 10**6, 10**9)
     assert np.isclose(p.max_accuracy_drop, 0.05)
+
+
+def test_only_the_newest_versions_are_kept(env):
+    worker = env.worker(update_fn=FAKE + "ok", keep_versions=2)
+    for _ in range(3):
+        env.seal()
+        assert worker.update_pending().outcome == "success"
+    assert [v.version for v in env.registry.history()] == [2, 3]
+    assert env.served.version.version == 3 and not list(env.registry.path.glob("*.tmp"))

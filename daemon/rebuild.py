@@ -1,0 +1,126 @@
+"""Rebuild a store's ``manifest.json`` from its chunk files (``gnpd store rebuild-manifest``).
+
+Chunk files hold their samples' Kafka partition and offset, so a lost or damaged
+manifest can be written again: every readable chunk is listed with its rows, offset
+ranges and checksum; the old manifest is moved aside; nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from daemon.manifest import (
+    CHUNK_DIR, MANIFEST, ChunkInfo, Manifest, StoreLock, chunk_id_of, file_crc32c,
+    new_store_id, write_manifest,
+)
+
+__all__ = ["Rebuilt", "rebuild_manifest"]
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """What :func:`rebuild_manifest` did."""
+
+    manifest: Manifest
+    skipped: tuple[tuple[str, str], ...]  # (file name, reason): left in place, not listed
+    old_manifest: Path | None  # where the unreadable manifest was moved, if there was one
+    store_id_source: str  # "argument", "old manifest", "checkpoint" or "new"
+
+
+def rebuild_manifest(store: Path, input_shape: tuple[int, ...], chunk_size: int,
+                     val_fraction: float, store_id: str | None = None,
+                     adopt_store_id: Callable[[list[ChunkInfo]], str | None] | None = None,
+                     ) -> Rebuilt:
+    """Write a new manifest listing every readable chunk file of ``store``.
+
+    ``next_offsets[p]`` becomes the largest offset of partition ``p`` in the chunks plus
+    one (messages rejected after the last stored one are read again and dead-lettered
+    again). The store id is ``store_id`` when given, else the one salvaged from the old
+    manifest's text, else ``adopt_store_id(chunks)`` (the CLI offers the newest
+    checkpoint's when every chunk it learnt is among ``chunks``), else new. The old
+    manifest is moved aside, never deleted; no chunk file is touched.
+
+    Raises:
+        StoreLockedError: a daemon is using the store.
+    """
+    lock = StoreLock(store)
+    try:
+        old_text = _read_text(store / MANIFEST)
+        salvaged = _salvage(old_text)
+        chunks, skipped = _scan_chunks(store, math.prod(input_shape))
+        next_offsets: dict[int, int] = {}
+        for c in chunks:
+            for p, (_, last) in c.offsets.items():
+                next_offsets[p] = max(next_offsets.get(p, 0), last + 1)
+        sources = (("argument", store_id), ("old manifest", salvaged.get("store_id")))
+        source, sid = next(((n, v) for n, v in sources if v), ("", None))
+        if sid is None and adopt_store_id is not None:
+            source, sid = "checkpoint", adopt_store_id(chunks)
+        if not sid:
+            source, sid = "new", new_store_id()
+        manifest = Manifest(sid, tuple(input_shape), chunk_size, val_fraction,
+                            salvaged.get("topic_id"), next_offsets, tuple(chunks))
+        moved = None
+        if old_text is not None:
+            moved = store / f"{MANIFEST}.broken-{int(time.time())}"
+            os.replace(store / MANIFEST, moved)
+        write_manifest(store, manifest)
+        return Rebuilt(manifest, tuple(skipped), moved, source)
+    finally:
+        lock.release()
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+
+
+def _salvage(text: str | None) -> dict[str, str]:
+    """``store_id`` and ``topic_id`` from a manifest's text, even a truncated one."""
+    out = {}
+    for key in ("store_id", "topic_id"):
+        m = re.search(rf'"{key}"\s*:\s*"([^"]+)"', text or "")
+        if m:
+            out[key] = m.group(1)
+    return out
+
+
+def _scan_chunks(store: Path, input_size: int) -> tuple[list[ChunkInfo], list[tuple[str, str]]]:
+    chunks, skipped = [], []
+    for path in sorted((store / CHUNK_DIR).glob("chunk-*.arrow"), key=lambda p: p.name):
+        number = chunk_id_of(path)
+        if number is None:
+            skipped.append((path.name, "not a chunk file name"))
+            continue
+        try:
+            chunks.append(_describe(path, number, input_size))
+        except (OSError, pa.ArrowException, KeyError, ValueError) as e:
+            skipped.append((path.name, f"unreadable: {type(e).__name__}: {e}"))
+    return chunks, skipped
+
+
+def _describe(path: Path, number: int, input_size: int) -> ChunkInfo:
+    """A ChunkInfo for a chunk file, from its partition and offset columns."""
+    with pa.memory_map(str(path), "r") as src:
+        table = ipc.open_file(src).read_all()
+        width = table.schema.field("features").type.list_size
+        if width != input_size:
+            raise ValueError(f"{width} features per sample, the settings say {input_size}")
+        parts = table.column("partition").to_pylist()
+        offs = table.column("offset").to_pylist()
+    ranges: dict[int, tuple[int, int]] = {}
+    for p, o in zip(parts, offs, strict=True):
+        a, b = ranges.get(p, (o, o))
+        ranges[p] = (min(a, o), max(b, o))
+    return ChunkInfo(number, path, len(offs), ranges, path.stat().st_mtime, file_crc32c(path))
