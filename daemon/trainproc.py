@@ -9,8 +9,8 @@ process. Ingest and serving keep their own GIL, memory and crash domain.
 
 The child opens the store read-only (the manifest, then each chunk memory-mapped; it
 takes no lock: the daemon holds it), verifies every chunk's checksum, trains with
-``gnp.update`` on the chunks :func:`daemon.replay.plan_resident` keeps within the replay
-budget, evaluates the reference versions (served, head, recent ones) on the same
+``gnp.update`` on every usable chunk (resident within the replay budget, streamed from
+the memory maps beyond it: :mod:`daemon.replay`), evaluates the reference versions (served, head, recent ones) on the same
 validation set, writes ``candidate.safetensors`` (temp file + rename) and
 ``result.json``, and exits with one of the ``EXIT_*`` codes. It dies with its parent
 (``PR_SET_PDEATHSIG``, and gnp's ``should_stop`` checks the parent between epochs), is
@@ -60,6 +60,7 @@ class Job:
     schedule: Any = "paper"  # "paper", "quick" or a gnp.Schedule as a dict
     device: str = "auto"
     replay_memory_bytes: int = 2 * 2**30
+    augment: bool = False  # the task's random distortions on training batches
     memory_limit_bytes: int = 0  # 0: no limit
     parent_pid: int = 0
     update_fn: str = "gnp:update"
@@ -205,10 +206,12 @@ def _progress_logger() -> Any:
 
 
 def _load_data(job: Job) -> tuple[dict[str, Any], Any]:
-    """Verify and memory-map the chunks; returns (report, (new, replay, val) gnp.Data)."""
-    import gnp
+    """Verify and memory-map the chunks; returns (report, (new, replay, val)) with each data
+    set resident on the device within the replay budget, else streamed from the maps."""
+    from gnp.data import place_all
+    from gnp.train import resolve_device
     from daemon.manifest import read_manifest, verify_chunk
-    from daemon.replay import ChunkView, gather, plan_resident
+    from daemon.replay import ChunkView, chunked
 
     manifest = read_manifest(Path(job.store))
     if manifest is None:
@@ -223,27 +226,27 @@ def _load_data(job: Job) -> tuple[dict[str, Any], Any]:
             log.error("chunk %d (%s) is corrupt and left out: %s", i,
                       by_id[i].path if i in by_id else "?", reason)
     ok = lambda ids: [by_id[i] for i in ids if str(i) not in corrupt]  # noqa: E731
-    plan = plan_resident(ok(job.pending), ok(job.older), job.replay_memory_bytes, size)
+    new_chunks, old_chunks = ok(job.pending), ok(job.older)
     report: dict[str, Any] = {
-        "corrupt": corrupt, "new_chunk_ids": [str(c.id) for c in plan.new],
-        "replay_chunk_ids": [str(c.id) for c in plan.chunks],
-        "deferred_chunk_ids": [str(c.id) for c in plan.deferred],
-        "resident_bytes": plan.nbytes}
-    if plan.deferred or plan.dropped:
-        log.warning("replay memory budget %d bytes: learning %d of %d pending chunk(s) now, "
-                    "replaying %d older chunk(s), leaving out %d", job.replay_memory_bytes,
-                    len(plan.new), len(plan.new) + len(plan.deferred), len(plan.old),
-                    len(plan.dropped))
-    if not plan.new:
+        "corrupt": corrupt, "new_chunk_ids": [str(c.id) for c in new_chunks],
+        "replay_chunk_ids": [str(c.id) for c in sorted(new_chunks + old_chunks, key=lambda c: c.id)]}
+    if not new_chunks:
         return report, None
-    views = [ChunkView(c.path, job.input_shape) for c in plan.chunks]
-    x, y = gather(views, "train", job.input_shape)
-    n_new = sum(v.rows("train") for v in views[:len(plan.new)])
-    replay = gnp.Data(x, y)
-    new = replay.subset(slice(0, n_new))  # a view: new chunks come first in the buffer
-    val = gnp.Data(*gather(views, "val", job.input_shape))
-    report["samples"] = {"new": len(new), "replay": len(replay), "val": len(val)}
-    return report, (new, replay, val)
+    views = [ChunkView(c.path, job.input_shape) for c in new_chunks + old_chunks]
+    sets = {"val": chunked(views, "val"), "all": chunked(views, "train"),
+            "new": chunked(views[:len(new_chunks)], "train")}
+    if sets["new"] is None or sets["val"] is None:
+        return report, None
+    placed = place_all(sets, resolve_device(job.device), job.replay_memory_bytes)
+    resident = {k: placed[k] is not sets[k] for k in sets}
+    report["resident"] = resident
+    report["resident_bytes"] = sum(sets[k].nbytes for k in sets if resident[k])
+    report["samples"] = {"new": len(sets["new"]), "replay": len(sets["all"]), "val": len(sets["val"])}
+    streamed = [k for k, r in resident.items() if not r]
+    if streamed:
+        log.info("replay memory budget %d bytes: %s streamed from the memory-mapped chunks",
+                 job.replay_memory_bytes, ", ".join(streamed))
+    return report, (placed["new"], placed["all"], placed["val"])
 
 
 def _train(job: Job, data: Any, stop: _Stop) -> tuple[dict[str, Any], Any]:
@@ -256,7 +259,10 @@ def _train(job: Job, data: Any, stop: _Stop) -> tuple[dict[str, Any], Any]:
     update = _resolve(job.update_fn)
     log.info("training on %d new, %d replay, %d validation samples", len(new), len(replay),
              len(val))
-    res = update("ours", base, new=new, all=replay, val=val, schedule=_schedule(job.schedule),
+    schedule = _schedule(job.schedule)
+    schedule = dataclasses.replace(schedule, train=dataclasses.replace(
+        schedule.train, resident_bytes=job.replay_memory_bytes, augment=job.augment))
+    res = update("ours", base, new=new, all=replay, val=val, schedule=schedule,
                  build=registry.build, device=job.device, progress=_progress_logger(),
                  should_stop=stop)
     evaluate = _resolve(job.evaluate_fn)

@@ -4,8 +4,8 @@ One thread. On every seal (:meth:`UpdateWorker.notify`) and at start-up it takes
 *pending* chunks (stored, not in the head version's lineage, not left out) and runs ONE
 update over them in a training child (:mod:`daemon.trainproc`, run by
 :class:`daemon.supervisor.TrainingChild`), which reads the memory-mapped store itself
-within ``replay_memory_bytes`` (pending chunks beyond it follow in the next update, at
-once) and writes a candidate. This process verifies it (strict load, finite, gate),
+(data sets resident within ``replay_memory_bytes``, streamed from the memory maps beyond
+it) and writes a candidate. This process verifies it (strict load, finite, gate),
 saves it, and publishes it unless a version is pinned (:mod:`daemon.control`). A crash,
 OOM kill or hang of training costs an update, never ingest or serving.
 
@@ -70,6 +70,7 @@ class UpdatePolicy:
     replay_memory_bytes: int = 2 * 2**30
     child_memory_bytes: int = 0
     keep_versions: int = 20
+    augment: bool = False
     update_fn: str = "gnp:update"
     evaluate_fn: str = "gnp:evaluate"
 
@@ -84,7 +85,7 @@ class UpdatePolicy:
                    timeout=float(t.update_timeout_seconds),
                    replay_memory_bytes=int(t.replay_memory_bytes),
                    child_memory_bytes=int(t.child_memory_bytes),
-                   keep_versions=int(settings.model.keep_versions))
+                   keep_versions=int(settings.model.keep_versions), augment=bool(t.augment))
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class UpdateResult:
     quarantined: tuple[str, ...] = field(default=())
     corrupt: tuple[str, ...] = field(default=())
     samples: dict[str, int] = field(default_factory=dict)  # new / replay / val sample counts
+    resident: dict[str, bool] = field(default_factory=dict)  # data set -> resident (else streamed)
 
 
 def _non_finite(model: nn.Module) -> str | None:
@@ -299,7 +301,7 @@ class UpdateWorker:
             base_version=head.version if head is not None else None,
             reference_versions=tuple(refs), out_dir=str(out),
             schedule=schedule_to_json(self.policy.schedule), device=self.policy.device,
-            replay_memory_bytes=self.policy.replay_memory_bytes,
+            replay_memory_bytes=self.policy.replay_memory_bytes, augment=self.policy.augment,
             memory_limit_bytes=self.policy.child_memory_bytes, parent_pid=os.getpid(),
             update_fn=self.policy.update_fn, evaluate_fn=self.policy.evaluate_fn)
 
@@ -392,11 +394,13 @@ class UpdateWorker:
             log.error("chunk(s) %s are corrupt (%s) and left out from now on; the other "
                       "chunks are not blamed", list(corrupt), self.ledger.path)
         samples = {k: int(v) for k, v in dict(result.get("samples") or {}).items()}
+        resident = {k: bool(v) for k, v in dict(result.get("resident") or {}).items()}
         quarantined: tuple[str, ...] = ()
         version, outcome = attempt.version, attempt.outcome
         if outcome == "no_data":
             log.warning("update skipped: %s", attempt.reason)
-            return UpdateResult(outcome, ids, duration, None, attempt.reason, (), corrupt, samples)
+            return UpdateResult(outcome, ids, duration, None, attempt.reason, (), corrupt, samples,
+                                resident)
         m.updates.labels(outcome=outcome).inc()
         m.update_duration.observe(duration)
         if outcome == "success":
@@ -418,7 +422,7 @@ class UpdateWorker:
         else:
             log.info("update abandoned after %.1fs: %s", duration, attempt.reason)
         return UpdateResult(outcome, ids, duration, version, attempt.reason, quarantined,
-                            corrupt, samples)
+                            corrupt, samples, resident)
 
 
     def _succeeded(self, version: ModelVersion, published: bool, duration: float) -> None:

@@ -25,7 +25,7 @@ import torch
 __all__ = [
     "Samples", "Data", "ChunkedData", "Dataset", "DATASETS", "FASHION_MNIST_DIR",
     "load_dataset", "fashion_mnist_available", "idx_files_available", "incremental_split",
-    "place",
+    "place", "place_all",
 ]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -119,20 +119,29 @@ class ChunkedData:
 
     The parts stay where they are (CPU tensors, possibly views of memory-mapped
     files); each batch is gathered from them and moved to the training device.
+    `rows[i]`, when given, selects the rows of part i that belong to this data set
+    (e.g. the training rows of a chunk file that also holds validation rows).
     """
 
-    def __init__(self, parts: list[Data]) -> None:
+    def __init__(self, parts: list[Data], rows: list[torch.Tensor | None] | None = None) -> None:
         if not parts:
             raise ValueError("ChunkedData needs at least one part")
         self.parts = parts
-        self.starts = torch.tensor([0] + [len(p) for p in parts]).cumsum(0)
+        self.rows = list(rows) if rows is not None else [None] * len(parts)
+        if len(self.rows) != len(parts):
+            raise ValueError(f"{len(parts)} parts but {len(self.rows)} row selections")
+        sizes = [len(p) if r is None else len(r) for p, r in zip(parts, self.rows)]
+        self.starts = torch.tensor([0] + sizes).cumsum(0)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts)
+        """Bytes the rows take once resident (what `to` allocates)."""
+        first = self.parts[0]
+        per_row = first.x[:1].nbytes + first.y[:1].nbytes
+        return len(self) * per_row
 
     @property
     def device(self) -> torch.device:
@@ -152,14 +161,16 @@ class ChunkedData:
         x = first.x.new_empty((len(index), *first.x.shape[1:]))
         y = first.y.new_empty((len(index),))
         for p in part.unique().tolist():
-            rows = (part == p).nonzero().squeeze(1)
-            local = index[rows] - self.starts[p]
-            x[rows], y[rows] = self.parts[p].x[local], self.parts[p].y[local]
+            at = (part == p).nonzero().squeeze(1)
+            local = index[at] - self.starts[p]
+            if self.rows[p] is not None:
+                local = self.rows[p][local]
+            x[at], y[at] = self.parts[p].x[local], self.parts[p].y[local]
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def to(self, device: torch.device | str) -> Data:
-        """All parts concatenated on `device` (resident)."""
-        return Data.concat([p.to(device) for p in self.parts])
+        """All rows concatenated on `device` (resident): the one copy."""
+        return Data(*self.gather(slice(None), torch.device(device)))
 
 
 def place(data: Samples, device: torch.device, resident_bytes: int | None) -> Samples:
@@ -168,6 +179,18 @@ def place(data: Samples, device: torch.device, resident_bytes: int | None) -> Sa
     if resident_bytes is None or data.nbytes <= resident_bytes:
         return data.to(device)
     return data
+
+
+def place_all(sets: dict[str, Samples], device: torch.device,
+              resident_bytes: int | None) -> dict[str, Samples]:
+    """`place` each data set in turn (in the order given) within ONE budget: what is made
+    resident is subtracted before the next."""
+    left, out = resident_bytes, {}
+    for name, data in sets.items():
+        out[name] = place(data, device, left)
+        if left is not None and out[name] is not data:
+            left -= data.nbytes
+    return out
 
 
 @dataclass(frozen=True)

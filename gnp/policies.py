@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from gnp.cost import Cost, CostMeter
-from gnp.data import Samples, place
+from gnp.data import Samples, place_all
 from gnp.grow import GrowthStep, grow_by_gradient
 from gnp.masks import Masks, ParamCount, count_parameters
 from gnp.prune import PruneConfig, PruneReport, iterative_prune
@@ -205,9 +205,9 @@ def update(method: str, model: nn.Module | None, *, new: Samples, all: Samples,
     meter = CostMeter(device=str(dev))
     t = Trainer(work, dev, s.train, meter, task, seed=derive_seed(seed, "shuffle"),
                 should_stop=should_stop)
-    budget = s.train.resident_bytes
-    data = {"new": place(new, dev, budget), "all": place(all, dev, budget)}
-    val_d = place(val, dev, budget)
+    # One memory budget: validation (read most often per sample) first, then replay.
+    placed = place_all({"val": val, "all": all, "new": new}, dev, s.train.resident_bytes)
+    data, val_d = {"new": placed["new"], "all": placed["all"]}, placed["val"]
     if fresh and m.seeded:
         sparse_seed(t.masks, s.seed_density, torch.Generator().manual_seed(derive_seed(seed, "sparse")))
     peak = s.train.lr if fresh or s.incremental_lr is None else s.incremental_lr

@@ -25,7 +25,7 @@ import gnp
 from daemon.messages import Sample
 from daemon.metrics import Metrics
 from daemon.registry import ModelRegistry, ModelVersion, ServedModel
-from daemon.replay import ChunkView, gather, plan_resident, row_bytes
+from daemon.replay import ChunkView, chunked, row_bytes
 from daemon.serving import HttpServer, create_app
 from daemon.store import ChunkStore
 from daemon.updater import UpdatePolicy, UpdateWorker
@@ -203,19 +203,21 @@ def test_quarantine_and_failure_counts_survive_a_restart(env, monkeypatch):
     assert (env.store.path / "updates.json").exists()
 
 
-def test_replay_memory_is_bounded_and_the_backlog_is_learnt_in_turns(env):
-    env.seal(4)  # a backlog: four chunks pending at once
-    budget = 2 * CHUNK * row_bytes(64)  # two chunks resident at most
-    worker = env.worker(update_fn=FAKE + "ok", replay_memory_bytes=budget)
-    first = worker.update_pending()
-    assert first.chunk_ids == ("1",) and first.samples == {"new": 160, "replay": 160, "val": 40}
-    second = worker.update_pending()
-    assert second.chunk_ids == ("2",) and second.samples["replay"] == 320  # with chunk 1
-    third = worker.update_pending()
-    assert third.chunk_ids == ("3",) and third.samples["replay"] == 320  # 3 and 2, not 1
-    assert worker.update_pending().chunk_ids == ("4",)
-    assert worker.update_pending() is None
+def test_replay_over_the_memory_budget_streams_from_the_maps_and_leaves_nothing_out(env):
+    """A backlog bigger than the replay budget is learnt in one real update: what fits is
+    resident, the rest streams from the memory-mapped chunks; no chunk waits or is dropped."""
+    env.seal(4)
+    budget = 2 * CHUNK * row_bytes(64)  # room for validation and the new chunks, not replay
+    worker = env.worker(replay_memory_bytes=budget)  # the real gnp.update, TINY schedule
+    result = worker.update_pending()
+    assert result.outcome == "success" and result.chunk_ids == ("1", "2", "3", "4")
+    assert result.samples == {"new": 640, "replay": 640, "val": 160}
     assert env.served.version.seen_chunk_ids == ("1", "2", "3", "4")
+    assert worker.update_pending() is None
+    assert result.resident == {"val": True, "all": False, "new": False}
+    big = env.worker(replay_memory_bytes=10 * budget)
+    env.seal(1)
+    assert big.update_pending().resident == {"val": True, "all": True, "new": True}
 
 
 DAEMON = """
@@ -298,27 +300,14 @@ def test_chunk_views_wrap_the_memory_map_without_copying(env):
     assert x0.shape == (CHUNK, *SHAPE) and not x0.flags.owndata and not x0.flags.writeable
     (xt, yt), = views[0].tensors()
     assert xt.data_ptr() == x0.ctypes.data  # torch wraps the same memory-mapped bytes
-    x, y = gather(views, "train", SHAPE)
+    train = chunked(views, "train")
+    assert train.parts[0].x.data_ptr() == x0.ctypes.data  # gnp reads the map itself
+    x, y = train.gather(slice(None), "cpu")
     ref_x, ref_y = env.store.dataset(split="train")
     np.testing.assert_array_equal(x.numpy(), ref_x)
     np.testing.assert_array_equal(y.numpy(), ref_y)
-    assert len(gather(views, "val", SHAPE)[0]) == 2 * CHUNK * 0.2
-
-
-def test_plan_resident_fits_the_budget():
-    class C:
-        def __init__(self, i: int, rows: int = 100) -> None:
-            self.id, self.rows = i, rows
-
-    per_chunk = 100 * row_bytes(4)
-    plan = plan_resident([C(5), C(6), C(7)], [C(1), C(2), C(3), C(4)], 4 * per_chunk, 4)
-    assert [c.id for c in plan.new] == [5, 6] and [c.id for c in plan.deferred] == [7]
-    assert [c.id for c in plan.old] == [3, 4] and [c.id for c in plan.dropped] == [1, 2]
-    assert plan.nbytes == 4 * per_chunk
-    big = plan_resident([C(9, rows=10_000)], [C(1)], per_chunk, 4)  # one chunk always goes
-    assert [c.id for c in big.new] == [9] and big.old == ()
-    with pytest.raises(ValueError, match="budget_bytes"):
-        plan_resident([], [], 0, 4)
+    assert len(chunked(views, "val")) == 2 * CHUNK * 0.2
+    assert train.nbytes == len(train) * row_bytes(64)
 
 
 # ---- corrupt chunks: reported and left out, never blamed on the others ----------------------

@@ -70,3 +70,24 @@ def test_an_update_can_train_on_streamed_data():
                    schedule=s, build=lambda: gnp.build_model("lenet-300-100", (1, 8, 8)),
                    device="cpu")
     assert r.val_accuracy > 0.5 and r.cost.sample_passes >= 3 * 900
+
+
+def test_chunked_data_reads_only_the_selected_rows_of_each_part():
+    parts = [Data(torch.arange(6.0).view(6, 1), torch.arange(6)),
+             Data(torch.arange(10.0, 14.0).view(4, 1), torch.arange(10, 14))]
+    rows = [torch.tensor([0, 2, 5]), None]
+    c = ChunkedData(parts, rows)
+    assert len(c) == 7 and c.nbytes == 7 * (4 + 8)
+    x, y = c.gather(slice(None), torch.device("cpu"))
+    assert y.tolist() == [0, 2, 5, 10, 11, 12, 13] and torch.equal(c.to("cpu").y, y)
+
+
+def test_one_budget_covers_every_data_set():
+    from gnp.data import place_all
+    small, big = (ChunkedData([Data(torch.zeros(n, 3), torch.zeros(n, dtype=torch.long))])
+                  for n in (10, 100))
+    per_row = 3 * 4 + 8
+    out = place_all({"val": small, "all": big}, torch.device("cpu"), 50 * per_row)
+    assert isinstance(out["val"], Data) and out["all"] is big  # 10 rows fit; 100 do not
+    out = place_all({"val": small, "all": big}, torch.device("cpu"), 110 * per_row)
+    assert isinstance(out["all"], Data)
