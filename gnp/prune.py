@@ -48,6 +48,7 @@ class PruneConfig:
     recoverable: bool = True
     tolerance: float = 0.0  # metric (0..1) the pruned model may lose vs the reference
     noise_z: float = 0.5  # paired-noise allowance, in standard deviations (see above)
+    correction: float = 1.0  # continuity correction, in units of score (one sample)
     retrain_epochs: float = 4.0  # most retraining per iteration, in epochs of the data
     retrain_slice: float = 0.5  # retrain in slices of this fraction of an epoch
     retrain_lr_factor: float = 0.1  # retraining lr = this x the base training lr
@@ -158,7 +159,7 @@ def _retrain_until_recovered(t: Trainer, train: Samples, val: Samples, ref: torc
     budget = int(round(cfg.retrain_epochs / cfg.retrain_slice))
     s, w = t.scores(val)
     for taken in range(budget + 1):
-        if recovered(ref, s, w, cfg.tolerance, cfg.noise_z):
+        if recovered(ref, s, w, cfg.tolerance, cfg.noise_z, cfg.correction):
             return True, taken, float(s.sum() / w.sum())
         if taken == budget:
             break
