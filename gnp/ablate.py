@@ -39,11 +39,12 @@ from gnp.train import TrainConfig, Trainer, evaluate
 __all__ = ["main"]
 
 RULES = {
-    "z=0 (no allowance)": dict(noise_z=0.0, correction=0.0),
-    "z=0.5": dict(noise_z=0.5, correction=0.0),
-    "z=1": dict(noise_z=1.0, correction=0.0),
-    "z=0.5 + continuity (default)": dict(noise_z=0.5, correction=1.0),
-    "z=1 + continuity": dict(noise_z=1.0, correction=1.0),
+    "z=0 (no allowance)": dict(noise_z=0.0, correction=0.0, holdout=0.0),
+    "z=0.5": dict(noise_z=0.5, correction=0.0, holdout=0.0),
+    "z=1": dict(noise_z=1.0, correction=0.0, holdout=0.0),
+    "z=0.5 + continuity": dict(noise_z=0.5, correction=1.0, holdout=0.0),
+    "z=1 + continuity": dict(noise_z=1.0, correction=1.0, holdout=0.0),
+    "z=0.5 + continuity + held-out verdict (default)": dict(noise_z=0.5, correction=1.0, holdout=0.5),
 }
 
 
@@ -76,7 +77,8 @@ def prune_rule(args: argparse.Namespace) -> list[dict]:
                             CostMeter("cpu"), seed=seed)
                 r = iterative_prune(t, train, val, cfg, 0.05)
                 rows.append({"rule": rule, "method": method, "seed": seed, "iterations": r.iterations,
-                             "stopped_by": r.stopped_by, "active": r.active_after,
+                             "tried": r.iterations_tried, "stopped_by": r.stopped_by,
+                             "active": r.active_after,
                              "val_drop_pp": 100 * (r.reference_accuracy - r.final_accuracy),
                              "test_change_pp": 100 * (before - evaluate(t.model, test)),
                              "retrain_epochs": r.retrain_passes / len(train)})
@@ -99,8 +101,8 @@ def selection_bias(args: argparse.Namespace) -> list[dict]:
                 rows.append({"method": method, "iteration": step.iteration, "active": step.active,
                              **{f"{k}_change_pp": 100 * (now[k] - base[k]) for k in now}})
                 print(json.dumps(rows[-1]), flush=True)
-        iterative_prune(t, train, half_a, PruneConfig(noise_z=args.z, correction=args.correction),
-                        0.05, on_step=log)
+        iterative_prune(t, train, half_a, PruneConfig(noise_z=args.z, correction=args.correction,
+                                                      holdout=0.0), 0.05, on_step=log)
     return rows
 
 

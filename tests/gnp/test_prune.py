@@ -5,7 +5,8 @@ from torch import nn
 from gnp.cost import CostMeter
 from gnp.data import Data
 from gnp.masks import Masks
-from gnp.prune import PruneConfig, iterative_prune, keep_connected, prune_step, select_prune
+from gnp.prune import (PruneConfig, _Checks, _snapshot, _verdict, iterative_prune, keep_connected,
+                       prune_step, select_prune)
 from gnp.train import TrainConfig, Trainer
 
 
@@ -69,7 +70,8 @@ def test_iterative_prune_keeps_accuracy_at_reference_and_rolls_back():
         t.train_epoch(train)
     reference = t.evaluate(val)
     before = t.masks.count().active
-    report = iterative_prune(t, train, val, PruneConfig(beta=20, retrain_epochs=0.5, noise_z=0.0),
+    report = iterative_prune(t, train, val, PruneConfig(beta=20, retrain_epochs=0.5, noise_z=0.0,
+                                                                   correction=0.0),
                              base_lr=0.05)
     assert report.reference_accuracy == reference
     assert t.evaluate(val) >= reference  # z = 0: never below the pre-pruning model
@@ -77,3 +79,47 @@ def test_iterative_prune_keeps_accuracy_at_reference_and_rolls_back():
     assert report.active_after < before
     assert report.stopped_by in {"accuracy", "no_progress", "max_iterations"}
     assert _hidden_units_connected(t.masks)
+    assert report.iterations <= report.iterations_tried
+
+
+def _trained(seed: int = 0) -> tuple[Trainer, Data, Data]:
+    torch.manual_seed(seed)
+    x = torch.randn(400, 10)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    model = nn.Sequential(nn.Linear(10, 32), nn.LeakyReLU(0.01), nn.Linear(32, 2))
+    Masks.attach(model)
+    t = Trainer(model, torch.device("cpu"), TrainConfig(batch_size=32, augment=False), CostMeter("cpu"))
+    train = Data(x[:300], y[:300])
+    t.plan(10 * t.steps(len(train)))
+    for _ in range(10):
+        t.train_epoch(train)
+    return t, train, Data(x[300:], y[300:])
+
+
+def test_held_out_samples_are_disjoint_from_the_checking_ones():
+    ref = torch.ones(101)
+    checks = _Checks(ref, torch.ones(101), PruneConfig(holdout=0.5))
+    assert int(checks.hold.sum()) == 50 or int(checks.hold.sum()) == 51
+    assert not bool(_Checks(ref, torch.ones(101), PruneConfig(holdout=0.0)).hold.any())
+
+
+def test_verdict_serves_the_sparsest_snapshot_that_passes_on_held_out_samples():
+    t, _, val = _trained()
+    ref, w = t.scores(val)
+    checks = _Checks(ref, w, PruneConfig(noise_z=0.0, correction=0.0))
+    good = _snapshot(t, 0)
+    with torch.no_grad():  # a sparser model that has lost its accuracy
+        for layer in t.masks:
+            layer.mask[:] = False
+            layer.mask[0, 0] = True
+            layer.weight.mul_(layer.mask)
+    broken = _snapshot(t, 7)
+    assert not checks.held_out(t.scores(val)[0])
+    assert _verdict(t, val, [good, broken], checks) is good
+    assert t.masks.count().active == good.active  # the served model is the snapshot's
+    assert t.evaluate(val) == float(ref.sum() / w.sum())
+    t.model.load_state_dict(broken.state)
+    same = _snapshot(t, 7)
+    t.model.load_state_dict(good.state)
+    assert _verdict(t, val, [good, _snapshot(t, 3)], checks).iteration == 3  # passes: kept
+    assert same.active < good.active
