@@ -250,6 +250,19 @@ def merge_baselines(out: Path, baselines: Path) -> list[dict]:
     return sorted(doc["rows"] + extra, key=lambda r: (r.get("seed", 0), r["chunk"], r["method"] != "ours"))
 
 
+def merge_seeds(out: Path, other: Path) -> list[dict]:
+    """Rows of `out` plus the rows of seeds it lacks from `other`, a run of the same protocol
+    and methods with other seeds (seeds run as separate processes)."""
+    doc = json.loads((out / "results.json").read_text())
+    more = json.loads((other / "results.json").read_text())
+    differ = [k for k in (*_SAME_PROTOCOL, "methods", "compact", "incremental_lr")
+              if doc["args"].get(k) != more["args"].get(k)]
+    if differ:
+        raise ValueError(f"{other} ran a different protocol ({', '.join(differ)} differ)")
+    have = {r.get("seed", 0) for r in doc["rows"]}
+    return doc["rows"] + [r for r in more["rows"] if r.get("seed", 0) not in have]
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -258,13 +271,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="a directory holding results.json")
     p.add_argument("--baselines", type=Path, action="append", default=[],
                    help="take the methods this run lacks from another run of the same protocol")
+    p.add_argument("--seeds-from", type=Path, action="append", default=[],
+                   help="add the seeds this run lacks from another run of the same protocol")
     args = p.parse_args(argv)
     rows = None
+    if args.seeds_from:
+        rows = []
+        for d in args.seeds_from:
+            rows += [r for r in merge_seeds(args.out, d)
+                     if r.get("seed", 0) not in {x.get("seed", 0) for x in rows}]
+        runs = [json.loads((d / "results.json").read_text())["command"] for d in args.seeds_from]
+        note_seeds = "Seeds run as separate processes, merged here: " + "; ".join(
+            f"`{c}`" for c in runs) + ". "
+    else:
+        note_seeds = ""
     for b in args.baselines:
-        rows = merge_baselines(args.out, b) if rows is None else rows + [
+        rows = merge_baselines(args.out, b) if not rows else rows + [
             r for r in merge_baselines(args.out, b) if r["method"] not in {x["method"] for x in rows}]
     note = "".join(f"Rows of methods this run lacks from `{b}`. " for b in args.baselines)
-    write_report(args.out, rows, note=note.strip())
+    write_report(args.out, rows, note=(note_seeds + note).strip())
     print(f"wrote {args.out}/results.md, results.png")
     return 0
 

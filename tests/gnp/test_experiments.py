@@ -94,3 +94,22 @@ def test_report_merges_baselines_only_from_the_same_protocol(tmp_path):
     assert "Claims checked" in (variant / "results.md").read_text()
     with pytest.raises(ValueError, match="seed"):
         merge_baselines(variant, other)
+
+
+def test_report_merges_seeds_run_apart_only_from_the_same_protocol(tmp_path):
+    from gnp.report import main as report_main, merge_seeds
+
+    def run(name, seed, methods="tfs"):
+        out = tmp_path / name
+        main(["--dataset", "digits", "--chunks", "2", "--stop-after", "1", "--methods", methods,
+              "--out", str(out), "--quick", "--device", "cpu", "--no-progress", "--seed", seed])
+        return out
+
+    first, second, other = run("s0", "0"), run("s1", "1"), run("nft", "1", methods="nft")
+    rows = merge_seeds(first, second)
+    assert sorted((r["seed"], r["method"]) for r in rows) == [(0, "tfs"), (1, "tfs")]
+    assert report_main([str(first), "--seeds-from", str(second)]) == 0
+    md = (first / "results.md").read_text()
+    assert "±" in md and "separate processes" in md
+    with pytest.raises(ValueError, match="methods"):
+        merge_seeds(first, other)
