@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="take the methods this run lacks from another run of the same protocol")
     p.add_argument("--seeds-from", type=Path, action="append", default=[],
                    help="add the seeds this run lacks from another run of the same protocol")
+    p.add_argument("--note", default="", help="a sentence to put above the table (how it was run)")
     args = p.parse_args(argv)
     rows = None
     if args.seeds_from:
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = merge_baselines(args.out, b) if not rows else rows + [
             r for r in merge_baselines(args.out, b) if r["method"] not in {x["method"] for x in rows}]
     note = "".join(f"Rows of methods this run lacks from `{b}`. " for b in args.baselines)
-    write_report(args.out, rows, note=(note_seeds + note).strip())
+    write_report(args.out, rows, note=" ".join(x for x in (args.note, note_seeds + note) if x).strip())
     print(f"wrote {args.out}/results.md, results.png")
     return 0
 
