@@ -199,7 +199,8 @@ class Dataset:
     train: Data
     test: Data
     input_shape: tuple[int, ...]
-    num_classes: int
+    num_classes: int  # classes, or CTC symbols (blank included) for speech
+    task: Any = None  # gnp.tasks.Task; None = classification
 
 
 def _fmnist_root(root: str | os.PathLike | None) -> Path:
@@ -272,15 +273,23 @@ def _load_digits(root: str | os.PathLike | None = None) -> Dataset:
                    Data.from_numpy(x[test], y[test]), (1, 8, 8), 10)
 
 
-DATASETS = {"fashion-mnist": _load_fashion_mnist, "mnist": _load_mnist, "digits": _load_digits}
+def _load_fsdd(root: str | os.PathLike | None = None, **options: Any) -> Dataset:
+    from gnp.fsdd import load_fsdd  # torchaudio only for speech
+
+    return load_fsdd(root, **options)
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None) -> Dataset:
-    """Load a data set by name ("mnist", "fashion-mnist" or "digits"); `root` is the
-    directory of its files where it has some."""
+DATASETS = {"fashion-mnist": _load_fashion_mnist, "mnist": _load_mnist, "digits": _load_digits,
+            "fsdd": _load_fsdd}
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, **options: Any) -> Dataset:
+    """Load a data set by name ("mnist", "fashion-mnist", "digits" or "fsdd"); `root` is the
+    directory of its files where it has some; `options` go to the loader (fsdd:
+    test_speakers)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    return DATASETS[name](root)
+    return DATASETS[name](root, **options)
 
 
 def incremental_split(train: Data, chunks: int, val_size: int,

@@ -19,7 +19,7 @@ from torch import nn
 
 from gnp.augment import AffineConfig, affine_distort
 
-__all__ = ["Task", "Classification", "CLASSIFICATION"]
+__all__ = ["Task", "Classification", "CLASSIFICATION", "CTC", "CTC_TASK"]
 
 
 class Task(Protocol):
@@ -62,3 +62,42 @@ class Classification:
 
 
 CLASSIFICATION = Classification()
+
+
+class CTC:
+    """CTC loss over per-frame symbol log-probabilities; metric: 1 - WER (greedy decoding).
+
+    The model is called as ``model(x, lengths) -> (log_probs (B, T, symbols), lengths)``
+    on a `gnp.sequences.SpeechBatch`. A sample's score is its reference's word count minus
+    its word errors (substitutions + deletions + insertions), its weight the reference's
+    word count, so sum(scores) / sum(weights) is exactly 1 - WER (a score can be negative
+    when a hypothesis inserts words).
+    """
+
+    name = "ctc"
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        log_probs, lengths = model(batch.x, batch.lengths)
+        return F.ctc_loss(log_probs.transpose(0, 1), batch.targets, lengths, batch.target_lengths,
+                          blank=0, reduction="mean", zero_infinity=True)
+
+    def transcribe(self, model: nn.Module, batch: Any) -> list[str]:
+        """Greedy-decoded transcripts of a batch."""
+        from gnp.transcripts import greedy_decode
+        log_probs, lengths = model(batch.x, batch.lengths)
+        return greedy_decode(log_probs, lengths)
+
+    def scores(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        from gnp.transcripts import decode, word_errors
+        hyps = self.transcribe(model, batch)
+        refs = [decode(t[:n]) for t, n in zip(batch.targets.tolist(), batch.target_lengths.tolist())]
+        words = torch.tensor([len(r.split()) for r in refs], dtype=torch.float32)
+        errors = torch.tensor([word_errors(r, h) for r, h in zip(refs, hyps)], dtype=torch.float32)
+        device = batch.x.device
+        return (words - errors).to(device), words.to(device)
+
+    def augment(self, batch: Any, gen: torch.Generator | None) -> Any:
+        return batch
+
+
+CTC_TASK = CTC()

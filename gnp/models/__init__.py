@@ -17,9 +17,10 @@ from gnp.masks import Masks
 from gnp.models.init import LEAKY_SLOPE, init_parameters
 from gnp.models.lenet import LeNet5, LeNet5Caffe, LeNet300100
 from gnp.models.spec import ModelSpec
+from gnp.models.speech import DeepSpeech2, SpeechConfig, deepspeech2_hlstm, deepspeech2_hlstm_tiny
 
 __all__ = ["ModelSpec", "MODELS", "build_model", "register", "init_parameters",
-           "LeNet300100", "LeNet5", "LeNet5Caffe", "LEAKY_SLOPE"]
+           "LeNet300100", "LeNet5", "LeNet5Caffe", "LEAKY_SLOPE", "DeepSpeech2", "SpeechConfig"]
 
 Builder = Callable[[ModelSpec], nn.Module]
 
@@ -27,6 +28,8 @@ MODELS: dict[str, Builder] = {
     "lenet-300-100": LeNet300100,
     "lenet-5": LeNet5,
     "lenet-5-caffe": LeNet5Caffe,
+    "deepspeech2-hlstm": deepspeech2_hlstm,  # input_shape (n_mfcc,), num_classes = CTC symbols
+    "deepspeech2-hlstm-tiny": deepspeech2_hlstm_tiny,
 }
 
 
@@ -42,7 +45,8 @@ def build_model(name: str, input_shape: tuple[int, ...] | list[int] = (1, 28, 28
     """Build a registered model with masks attached, initialised from `seed` (local RNG).
 
     Raises:
-        ValueError: unknown name, input_shape not (C, H, W) of positive sizes, or
+        ValueError: unknown name, input_shape not positive sizes ((C, H, W) for images,
+            (n_mfcc,) for speech), or
             num_classes < 2.
     """
     if name not in MODELS:
