@@ -3,6 +3,12 @@
     python -m gnp.experiments --model lenet-300-100 --dataset fashion-mnist --chunks 10 \\
         --methods ours,tfs,nft,nest --out DIR [--quick] [--seeds 0,1,2] [--compact] \\
         [--augment auto|on|off] [--device auto|cpu|cuda]
+    python -m gnp.experiments --model deepspeech2-hlstm --dataset fsdd --data-dir DIR \
+        --chunks 10 --methods ours,tfs,nft --out DIR [--quick] [--split speakers]
+
+Speech (fsdd): the paper's speech schedule (gnp.speech_protocol), WER in place of error,
+the first model on 40% of the data; `--split speakers` runs the speaker-incremental
+scenario instead (one speaker per update, WER on seen and unseen speakers).
 
 Writes DIR/results.json (a row per seed, chunk and method), DIR/results.md (a table
 shaped like the paper's Table 4 with mean +- sd over seeds, the claims checked on the
@@ -29,6 +35,9 @@ from gnp.data import (DATASETS, Data, fashion_mnist_available, idx_files_availab
 from gnp.export import save_compact
 from gnp.models import MODELS, build_model
 from gnp.policies import METHODS, Schedule, UpdateResult, update
+from gnp.speech_protocol import (SPEECH_DATASETS, SPEECH_MODELS, first_chunks, speaker_protocol,
+                                 speech_schedule)
+from gnp.tasks import CLASSIFICATION, Task
 from gnp.train import evaluate, resolve_device
 
 __all__ = ["Row", "AUGMENT_DEFAULT", "run_protocol", "main"]
@@ -66,18 +75,26 @@ class Row:
     compact_test_error_pct: float | None = None
     compact_bytes: int | None = None  # its compact file
     dense_bytes: int | None = None  # the dense checkpoint of the same model
+    seen_error_pct: float | None = None  # --split speakers: on the speakers seen so far
+    unseen_error_pct: float | None = None  # ... and on the others (None after the last)
+    speakers: str | None = None  # ... the speakers seen so far
+
+
+def _task(ds) -> Task:
+    return ds.task if ds.task is not None else CLASSIFICATION
 
 
 def _row(seed: int, k: int, chunks: int, method: str, r: UpdateResult, test: Data,
-         device: torch.device, n_all: int, pre_prune_test: float) -> Row:
+         device: torch.device, n_all: int, pre_prune_test: float,
+         task: Task = CLASSIFICATION) -> Row:
     g = r.growth
     prune_passes = dict(r.cost.phases).get("prune", 0)
     compact = {}
     if r.compact is not None:
         compact = {"compact_params": r.compact_params.active,
-                   "compact_test_error_pct": 100.0 * (1.0 - evaluate(r.compact, test, device)),
+                   "compact_test_error_pct": 100.0 * (1.0 - evaluate(r.compact, test, device, task)),
                    **_file_sizes(r.compact)}
-    return Row(seed, k, k / chunks, method, 100.0 * (1.0 - evaluate(r.model, test, device)),
+    return Row(seed, k, k / chunks, method, 100.0 * (1.0 - evaluate(r.model, test, device, task)),
                r.val_accuracy, r.params.active, r.params.dense, r.cost.epochs,
                r.cost.sample_passes, r.cost.wall_seconds, r.cost.device, r.prune.iterations,
                r.prune.stopped_by, r.pre_prune_accuracy, 100.0 * (1.0 - pre_prune_test),
@@ -97,7 +114,10 @@ def _file_sizes(model: torch.nn.Module) -> dict[str, int]:
 
 
 def schedule_of(args: argparse.Namespace) -> Schedule:
-    s = Schedule.quick() if args.quick else Schedule()
+    if args.dataset in SPEECH_DATASETS:
+        s = speech_schedule(args.quick)
+    else:
+        s = Schedule.quick() if args.quick else Schedule()
     augment = AUGMENT_DEFAULT.get(args.dataset, True) if args.augment == "auto" else args.augment == "on"
     s = replace(s, train=replace(s.train, augment=augment))
     if args.incremental_lr is not None:
@@ -106,9 +126,13 @@ def schedule_of(args: argparse.Namespace) -> Schedule:
 
 
 def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
-    ds = load_dataset(args.dataset, args.data_dir)
+    options = {"test_speakers": args.test_speakers} if args.test_speakers else {}
+    ds = load_dataset(args.dataset, args.data_dir, **options)
     schedule, methods = schedule_of(args), args.methods.split(",")
     device = resolve_device(args.device)
+    task = _task(ds)
+    if args.split == "speakers":
+        return speaker_protocol(args, ds, schedule, device, lambda rows: _write_json(out, args, rows), log)
     rows: list[Row] = []
     bar = tqdm(total=len(args.seeds) * min(args.chunks, args.stop_after or args.chunks) * len(methods), unit="update",
                file=sys.stderr, disable=args.no_progress)
@@ -122,20 +146,23 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
         chunks, val = incremental_split(train, args.chunks, val_size, seed=seed)
         carry: dict[str, torch.nn.Module | None] = {m: None for m in methods}
         build = lambda: build_model(args.model, ds.input_shape, ds.num_classes)  # noqa: E731
-        for k in range(1, min(len(chunks), args.stop_after or len(chunks)) + 1):
-            all_data = Data.concat(chunks[:k])
+        first = first_chunks(args)  # the first model learns this many chunks at once
+        for k in range(first, min(len(chunks), args.stop_after or len(chunks)) + 1):
+            all_data = type(chunks[0]).concat(chunks[:k])
+            new = all_data if k == first else chunks[k - 1]
             for method in methods:
                 def progress(phase: str, step: int, total: int) -> None:
                     bar.set_description(f"seed {seed} chunk {k}/{len(chunks)} {method} {phase} {step}/{total}")
                 sched = schedule.with_nonrecoverable() if (args.compact and method == "ours") else schedule
                 pre = {}
-                r = update(method, carry[method], new=chunks[k - 1], all=all_data, val=val,
+                r = update(method, carry[method], new=new, all=all_data, val=val,
                            schedule=sched, build=build, device=device,
-                           seed=seed * 1000 + k, progress=progress,
-                           observe=lambda stage, m: pre.setdefault(stage, evaluate(m, ds.test)))
+                           seed=seed * 1000 + k, progress=progress, task=task,
+                           observe=lambda stage, m: pre.setdefault(
+                               stage, evaluate(m, ds.test, task=task)))
                 carry[method] = r.carry
                 row = _row(seed, k, len(chunks), method, r, ds.test, device, len(all_data),
-                           pre["pre-prune"])
+                           pre["pre-prune"], task)
                 rows.append(row)
                 bar.update(1)
                 log(f"seed {seed} chunk {k} {method}: error {row.test_error_pct:.2f}% "
@@ -155,6 +182,7 @@ def _write_json(out: Path, args: argparse.Namespace, rows: list[Row]) -> None:
                     "torch": torch.__version__, "cpus": torch.get_num_threads(),
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "metric": "WER" if args.dataset in SPEECH_DATASETS else "error",
         "rows": [asdict(r) for r in rows],
     }
     tmp = out / "results.json.tmp"
@@ -183,7 +211,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="lenet-300-100", choices=sorted(MODELS))
     p.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
     p.add_argument("--data-dir", default=None,
-                   help="directory of the four IDX .gz files (mnist; fashion-mnist elsewhere)")
+                   help="directory of the four IDX .gz files (mnist; fashion-mnist elsewhere), "
+                        "of the WAV files (fsdd)")
+    p.add_argument("--test-speakers", type=lambda t: [s for s in t.split(",") if s], default=None,
+                   help="fsdd: hold these speakers out as the test set (default: recordings 0-4 "
+                        "of every speaker and digit, FSDD's official test split)")
+    p.add_argument("--split", default="random", choices=["random", "speakers"],
+                   help="speakers (fsdd): the first model learns one speaker, each update adds one")
+    p.add_argument("--first-fraction", type=float, default=None,
+                   help="share of the chunks the first model learns (default 0.4 for speech, "
+                        "as the paper's speech protocol; one chunk otherwise)")
     p.add_argument("--chunks", type=int, default=10)
     p.add_argument("--stop-after", type=int, default=None,
                    help="run only the first N chunks of the protocol (ablations)")
@@ -221,6 +258,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dataset == "fashion-mnist" and not fashion_mnist_available(args.data_dir):
         p.error("Fashion-MNIST not found (install dataset-fashion-mnist or pass --data-dir); "
                 "--dataset digits runs anywhere")
+    if args.split == "speakers" and args.dataset not in SPEECH_DATASETS:
+        p.error("--split speakers needs a speech data set (fsdd)")
+    if args.first_fraction is not None and not 0 < args.first_fraction <= 1:
+        p.error(f"--first-fraction must be in (0, 1], got {args.first_fraction}")
+    if args.dataset in SPEECH_DATASETS and args.model not in SPEECH_MODELS:
+        p.error(f"--dataset {args.dataset} needs a speech model ({', '.join(SPEECH_MODELS)})")
     if args.dataset == "mnist" and not (args.data_dir and idx_files_available(args.data_dir)):
         p.error("MNIST: --data-dir must name a directory holding the four official IDX .gz "
                 "files (nothing is downloaded); --dataset digits runs anywhere")

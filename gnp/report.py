@@ -55,12 +55,13 @@ def _fmt(cell: dict, field: str, spec: str) -> str:
     return f"{mean:{spec}}" + (f" ± {sd:{spec}}" if sd is not None else "")
 
 
-def markdown_table(rows: list[Any]) -> str:
-    """Paper Table 4 layout: a row per data fraction; error %, active params, epochs per method."""
+def markdown_table(rows: list[Any], metric: str = "err") -> str:
+    """Paper Table 4 layout: a row per data fraction; error % (or WER %), active params, epochs
+    per method."""
     rows = _rows(rows)
     chunks, methods = _order(rows)
     agg = aggregate(rows)
-    head = ["data"] + [f"{m} {c}" for m in methods for c in ("err %", "params", "epochs")]
+    head = ["data"] + [f"{m} {c}" for m in methods for c in (f"{metric} %", "params", "epochs")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in chunks:
         frac = next(c["data_fraction"] for (kk, _), c in agg.items() if kk == k)
@@ -160,7 +161,7 @@ def _compact_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, metric: str = "error") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -168,7 +169,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     chunks, methods = _order(rows)
     agg = aggregate(rows)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for key, ax, label in (("test_error_pct", axes[0], "test error (%)"),
+    for key, ax, label in (("test_error_pct", axes[0], f"test {metric} (%)"),
                            ("active_params", axes[1], "active parameters"),
                            ("epochs", axes[2], "training cost (all-data epochs)")):
         for m in methods:
@@ -203,6 +204,7 @@ def write_report(out: Path, rows: list[Any] | None = None, note: str = "") -> No
     seeds = sorted({r.get("seed", 0) for r in rows})
     cs = claims(rows)
     held = sum(c["holds"] for c in cs)
+    metric = doc.get("metric", "error")  # "WER" for speech: it stands where "error" does
     md = [f"# Incremental protocol: {doc['args']['model']} on {doc['args']['dataset']}", "",
           f"Command: `{doc['command']}`", "",
           f"Machine: {doc['machine']['platform']}, torch {doc['machine']['torch']}, "
@@ -211,7 +213,15 @@ def write_report(out: Path, rows: list[Any] | None = None, note: str = "") -> No
           *([note, ""] if note else []),
           "Test error of the served (recoverably pruned) model, its active parameters, and the "
           "update's training cost in all-data-epoch equivalents (growth passes and pruning "
-          "retraining included).", "", markdown_table(rows), ""]
+          "retraining included)." + (f" Error is the {metric}." if metric != "error" else ""),
+          "", markdown_table(rows, "err" if metric == "error" else metric), ""]
+    if any(r.get("seen_error_pct") is not None for r in rows):
+        from gnp.speech_protocol import plot_speakers, speaker_table
+        md += ["## Speaker-incremental: WER on seen and unseen speakers", "",
+               "After each update, the served model's WER on the official test recordings of "
+               "the speakers learnt so far and of those not yet learnt (results-speakers.png).",
+               "", speaker_table(rows), ""]
+        plot_speakers(rows, out / "results-speakers.png")
     if cs:
         md += ["## Claims checked (seed means, from the second chunk on)", "",
                f"ours' test error <= each baseline's + {ERROR_MARGIN_PP} pp, active parameters <= "
@@ -229,7 +239,7 @@ def write_report(out: Path, rows: list[Any] | None = None, note: str = "") -> No
                "noise allowance); stored compactly (packed mask bits + active values, "
                "`gnp.export`).", "", _compact_table(rows), ""]
     (out / "results.md").write_text("\n".join(md))
-    _plot(rows, out / "results.png")
+    _plot(rows, out / "results.png", metric)
 
 
 _SAME_PROTOCOL = ("model", "dataset", "chunks", "val_size", "train_size", "quick", "augment")

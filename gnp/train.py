@@ -63,6 +63,9 @@ class TrainConfig:
     batch_size: int = 128
     augment: bool = False  # the task's random distortions (off by default: choose per data set)
     resident_bytes: int | None = None  # larger data sets stream to the device per batch
+    optimizer: str = "sgd"  # "sgd" (momentum), or "adam" (AdamW: CTC leaves its blank plateau
+    # in a few epochs with it, where SGD takes tens; momentum is then beta1)
+    grad_clip: float | None = None  # clip the gradient's global norm (recurrent models)
 
 
 @dataclass
@@ -79,6 +82,16 @@ class CosineSchedule:
             return self.floor
         t = min(self.taken, self.total) / self.total
         return self.floor + (self.peak - self.floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, fused=True)
+    if cfg.optimizer == "adam":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.momentum, 0.999),
+                                 weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
 
 
 @torch.no_grad()
@@ -124,8 +137,7 @@ class Trainer:
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.cpu_gen = torch.Generator().manual_seed(seed) if device.type != "cpu" else self.gen
         self.should_stop = should_stop
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, fused=True)
+        self.opt = _optimizer(self.model, cfg)
         self.schedule = CosineSchedule(cfg.lr, cfg.lr * cfg.final_lr, 0)
 
     # -- schedule ---------------------------------------------------------------
@@ -179,6 +191,8 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.masks.mask_grads()
+            if self.cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.opt.step()
             self.masks.apply()
             if lr is None:
