@@ -347,6 +347,14 @@ class Prediction(NamedTuple):
     version: int
 
 
+class Transcription(NamedTuple):
+    """Answer of one transcribe call, all from the same model."""
+
+    transcripts: list[str]
+    confidence: list[float]
+    version: int
+
+
 @dataclass(frozen=True)
 class _Published:
     model: nn.Module
@@ -378,6 +386,30 @@ class ServedModel:
     def version(self) -> ModelVersion | None:
         cur = self._current
         return None if cur is None else cur.version
+
+    @property
+    def speech(self) -> bool:
+        """True when the served model transcribes audio (a speech model) instead of
+        classifying fixed-size inputs."""
+        from gnp.models import SPEECH_MODELS
+        cur = self._current
+        return cur is not None and cur.version.model_name in SPEECH_MODELS
+
+    def transcribe(self, audios: Sequence[np.ndarray], sample_rate: int) -> Transcription:
+        """Greedy transcripts (+ confidence 0..1) of mono float audios, from one version.
+
+        Raises:
+            NoModelError: nothing published yet.
+            ValueError: a sample rate other than the model's, or empty/non-finite audio.
+        """
+        from gnp.transcribe import transcribe
+        cur = self._current  # read once: the whole answer comes from this pair
+        if cur is None:
+            raise NoModelError("no model is served yet")
+        out = transcribe(cur.model, [torch.as_tensor(a, dtype=torch.float32) for a in audios],
+                         sample_rate)
+        return Transcription([t.text for t in out], [t.confidence for t in out],
+                             cur.version.version)
 
     def predict(self, x: np.ndarray | torch.Tensor) -> Prediction:
         """Class labels and probabilities for ``x`` of shape (N, *input_shape) or (N, D).

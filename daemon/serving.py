@@ -3,6 +3,8 @@
 Endpoints (see :func:`create_app`)::
 
     POST /v1/predict  {"instances": [[...], ...]} -> predictions, probabilities, model_version
+                      speech model: {"sample_rate": R, "instances": [{"audio": [...]} or
+                      {"audio_pcm16": "<base64>"}]} -> transcripts, confidence, model_version
     GET  /v1/model    served version, accuracy, parameters, compression, cost, update history
     GET  /healthz     200 while the process is alive
     GET  /readyz      200 once a model is served, else 503
@@ -53,6 +55,7 @@ __all__ = ["MAX_INSTANCES", "HttpServer", "PredictRequest", "create_app"]
 log = logging.getLogger(__name__)
 
 MAX_INSTANCES = 1024
+SPEECH_MAX_SECONDS = 30.0  # longest audio instance a speech model transcribes per request
 
 
 class PredictRequest(BaseModel):
@@ -165,9 +168,51 @@ def create_app(served: ServedModel, metrics: Metrics,
     return app
 
 
+def _parse_audio(body: bytes | bytearray, limit: int) -> tuple[list[np.ndarray], int]:
+    """A speech model's predict body: {"sample_rate": R, "instances": [{"audio": [...]} or
+    {"audio_pcm16": "<base64>"}, ...]}, the audio forms of a speech sample message."""
+    from daemon.speech_messages import _check_audio
+    try:
+        doc = load_json(body)
+    except ValueError as e:
+        raise _BadRequest(f"body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list) or not doc["instances"]:
+        raise _BadRequest('body must be a JSON object {"sample_rate": R, "instances": '
+                          '[{"audio": [...]} or {"audio_pcm16": "<base64>"}, ...]}')
+    if len(doc["instances"]) > limit:
+        raise _BadRequest(f"too many instances: {len(doc['instances'])} > {limit} per request")
+    rate = doc.get("sample_rate")
+    if type(rate) is not int or rate < 1:
+        raise _BadRequest(f"sample_rate must be a positive integer, got {rate!r}")
+    audios = []
+    for i, inst in enumerate(doc["instances"]):
+        if not isinstance(inst, dict) or not ("audio" in inst or "audio_pcm16" in inst):
+            raise _BadRequest(f"instance {i} must be an object with audio or audio_pcm16")
+        try:
+            audios.append(_check_audio(inst, bytes(body), rate, SPEECH_MAX_SECONDS))
+        except ValueError as e:
+            raise _BadRequest(f"instance {i}: {e}") from None
+    return audios, rate
+
+
+def _transcribe(served: ServedModel, body: bytes | bytearray, limit: int) -> tuple[int, dict[str, Any]]:
+    try:
+        audios, rate = _parse_audio(body, limit)
+        texts, confidence, version = served.transcribe(audios, rate)
+    except _BadRequest as e:
+        return 400, {"detail": str(e)}
+    except ValueError as e:  # a sample rate other than the model's
+        return 400, {"detail": str(e)}
+    except NoModelError as e:
+        return 503, {"detail": f"{e}: the first update has not finished"}
+    return 200, {"transcripts": texts, "confidence": confidence, "model_version": version}
+
+
 def _answer(served: ServedModel, body: bytes | bytearray,
             limit: int) -> tuple[int, dict[str, Any]]:
     """HTTP status and JSON payload of one predict request."""
+    if served.speech:
+        return _transcribe(served, body, limit)
     try:
         x = _parse(body, served.input_shape, limit)
         labels, probs, version = served.predict(x)

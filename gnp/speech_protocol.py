@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from gnp.fsdd import speaker_split
+from gnp.models import SPEECH_MODELS
 from gnp.policies import Schedule, update
 from gnp.prune import PruneConfig
 from gnp.sequences import SequenceData
@@ -31,7 +32,6 @@ __all__ = ["SPEECH_DATASETS", "SPEECH_MODELS", "SPEECH_TRAIN", "speech_schedule"
            "speaker_protocol", "speaker_table", "plot_speakers"]
 
 SPEECH_DATASETS = ("fsdd",)
-SPEECH_MODELS = ("deepspeech2-hlstm", "deepspeech2-hlstm-tiny")
 VAL_SHARE = 0.1  # validation hold-out of the training recordings (per speaker with --split speakers)
 
 # AdamW: with SGD the CTC loss sat on its blank plateau for ~10 epochs of FSDD (measured, lr

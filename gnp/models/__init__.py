@@ -20,7 +20,8 @@ from gnp.models.spec import ModelSpec
 from gnp.models.speech import DeepSpeech2, SpeechConfig, deepspeech2_hlstm, deepspeech2_hlstm_tiny
 
 __all__ = ["ModelSpec", "MODELS", "build_model", "register", "init_parameters",
-           "LeNet300100", "LeNet5", "LeNet5Caffe", "LEAKY_SLOPE", "DeepSpeech2", "SpeechConfig"]
+           "LeNet300100", "LeNet5", "LeNet5Caffe", "LEAKY_SLOPE", "DeepSpeech2", "SpeechConfig",
+           "SPEECH_MODELS"]
 
 Builder = Callable[[ModelSpec], nn.Module]
 
@@ -31,6 +32,9 @@ MODELS: dict[str, Builder] = {
     "deepspeech2-hlstm": deepspeech2_hlstm,  # input_shape (n_mfcc,), num_classes = CTC symbols
     "deepspeech2-hlstm-tiny": deepspeech2_hlstm_tiny,
 }
+
+
+SPEECH_MODELS = ("deepspeech2-hlstm", "deepspeech2-hlstm-tiny")  # (x, lengths) -> CTC outputs
 
 
 def register(name: str, builder: Builder) -> None:

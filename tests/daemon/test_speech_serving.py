@@ -1,0 +1,63 @@
+"""/v1/predict with a served speech model: audio in, transcripts out (real HTTP)."""
+
+from __future__ import annotations
+
+import numpy as np
+import httpx
+import pytest
+
+from daemon.metrics import Metrics
+from daemon.registry import ModelVersion, ServedModel, UpdateCost
+from daemon.serving import HttpServer, create_app
+from daemon.speech_messages import encode_pcm16
+from gnp.models import build_model
+from gnp.transcripts import NUM_SYMBOLS
+
+pytestmark = pytest.mark.integration
+
+
+def _version(n: int) -> ModelVersion:
+    return ModelVersion(version=n, parent=None, created=1.0e9, model_name="deepspeech2-hlstm-tiny",
+                        input_shape=(20,), num_classes=NUM_SYMBOLS, chunk_ids=("c1",),
+                        seen_chunk_ids=("c1",), val_accuracy=0.5, active_params=1000,
+                        dense_params=4000, cost=UpdateCost(500, 1.5, 2.0, "cpu"))
+
+
+@pytest.fixture
+def client():
+    served = ServedModel((20,))
+    srv = HttpServer(create_app(served, Metrics(), lambda: []), "127.0.0.1", 0)
+    srv.start()
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        yield served, c
+    srv.stop()
+
+
+def test_speech_predict_returns_transcripts_from_one_version(client):
+    served, c = client
+    assert c.post("/v1/predict", json={"instances": [[0.0] * 20]}).status_code == 503
+    served.publish(build_model("deepspeech2-hlstm-tiny", (20,), NUM_SYMBOLS), _version(3))
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(2400)).clip(-1, 1)
+    r = c.post("/v1/predict", json={"sample_rate": 8000, "instances": [
+        {"audio": audio.tolist()}, {"audio_pcm16": encode_pcm16(audio[:1600])}]})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["model_version"] == 3 and len(doc["transcripts"]) == 2
+    assert all(isinstance(t, str) for t in doc["transcripts"])
+    assert all(0.0 < p <= 1.0 for p in doc["confidence"])
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"sample_rate": 16000, "instances": [{"audio": [0.1] * 800}]}, "sample rate"),
+    ({"instances": [{"audio": [0.1] * 800}]}, "sample_rate"),
+    ({"sample_rate": 8000, "instances": [{"audio": []}]}, "empty"),
+    ({"sample_rate": 8000, "instances": [{"audio": [0.1, 2.0]}]}, "[-1, 1]"),
+    ({"sample_rate": 8000, "instances": [[0.1, 0.2]]}, "audio or audio_pcm16"),
+    ({"sample_rate": 8000, "instances": []}, "instances"),
+])
+def test_bad_audio_requests_are_400_with_the_reason(client, body, fragment):
+    served, c = client
+    served.publish(build_model("deepspeech2-hlstm-tiny", (20,), NUM_SYMBOLS), _version(1))
+    r = c.post("/v1/predict", json=body)
+    assert r.status_code == 400 and fragment in r.json()["detail"], r.text
