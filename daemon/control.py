@@ -47,7 +47,12 @@ class ControlError(Exception):
 
 def record_served(metrics: Metrics, version: ModelVersion) -> None:
     """Set the served-model gauges for ``version``."""
+    from gnp.models import SPEECH_MODELS
+
     metrics.model_accuracy.set(version.val_accuracy)
+    # a speech model's validation metric is 1 - WER (gnp.tasks.CTC): chart it as a WER too
+    speech = version.model_name in SPEECH_MODELS
+    metrics.model_wer.set(1.0 - version.val_accuracy if speech else float("nan"))
     metrics.model_parameters.set(version.active_params)
     metrics.model_dense_parameters.set(version.dense_params)
     metrics.model_version.set(version.version)

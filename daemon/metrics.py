@@ -30,6 +30,9 @@ class Metrics:
         r = self.registry
         self.model_accuracy = Gauge(
             "gnp_model_accuracy", "Validation accuracy (0..1) of the served model", registry=r)
+        self.model_wer = Gauge(
+            "gnp_model_wer_ratio", "Validation word error rate of the served speech model "
+            "(1 - its validation accuracy; NaN while a classifier is served)", registry=r)
         self.model_parameters = Gauge(
             "gnp_model_parameters", "Active (unpruned) parameters of the served model", registry=r)
         self.model_dense_parameters = Gauge(

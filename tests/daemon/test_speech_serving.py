@@ -61,3 +61,17 @@ def test_bad_audio_requests_are_400_with_the_reason(client, body, fragment):
     served.publish(build_model("deepspeech2-hlstm-tiny", (20,), NUM_SYMBOLS), _version(1))
     r = c.post("/v1/predict", json=body)
     assert r.status_code == 400 and fragment in r.json()["detail"], r.text
+
+
+def test_served_speech_model_exports_its_wer_and_classifiers_nan():
+    import dataclasses
+    import math
+
+    from daemon.control import record_served
+
+    metrics = Metrics()
+    record_served(metrics, dataclasses.replace(_version(2), val_accuracy=0.93))
+    assert metrics.registry.get_sample_value("gnp_model_wer_ratio") == pytest.approx(0.07)
+    assert metrics.registry.get_sample_value("gnp_model_accuracy") == pytest.approx(0.93)
+    record_served(metrics, dataclasses.replace(_version(3), model_name="lenet-300-100"))
+    assert math.isnan(metrics.registry.get_sample_value("gnp_model_wer_ratio"))
