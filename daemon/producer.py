@@ -28,6 +28,7 @@ __all__ = [
     "add_produce_args",
     "dataset_messages",
     "file_messages",
+    "fsdd_messages",
     "produce",
     "produce_main",
     "run_produce",
@@ -48,6 +49,9 @@ def dataset_messages(name: str, split: str = "train", *, shuffle: bool = False, 
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name == "fsdd":
+        yield from fsdd_messages(root, split, shuffle=shuffle, seed=seed)
+        return
     from gnp.data import load_dataset  # torch is imported only when a data set is used
 
     data = getattr(load_dataset(name, root=root), split)
@@ -61,6 +65,28 @@ def dataset_messages(name: str, split: str = "train", *, shuffle: bool = False, 
         for i, row, label in zip(idx.tolist(), rows, y[idx].tolist(), strict=True):
             yield {"id": f"{name}/{split}/{i}", "features": row, "label": label,
                    "timestamp": time.time()}
+
+
+def fsdd_messages(root: str | Path | None, split: str = "train", *, shuffle: bool = False,
+                  seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Speech messages (``schemas/speech-sample.schema.json``) for the FSDD recordings in
+    ``root``: base64 16-bit PCM as recorded, the digit's word as transcript. ``split``
+    is FSDD's official one (test: recordings 0-4 of every speaker and digit)."""
+    if root is None:
+        raise ValueError("fsdd: pass --data-root, the directory of the FSDD WAV files")
+    import base64
+    import wave
+
+    from gnp.fsdd import DIGIT_WORDS, OFFICIAL_TEST, fsdd_files
+
+    files = [f for f in fsdd_files(root) if (f[3] in OFFICIAL_TEST) == (split == "test")]
+    order = np.random.default_rng(seed).permutation(len(files)) if shuffle else range(len(files))
+    for i in order:
+        path, digit, speaker, index = files[int(i)]
+        with wave.open(str(path), "rb") as w:
+            rate, pcm = w.getframerate(), w.readframes(w.getnframes())
+        yield {"id": f"fsdd/{path.stem}", "sample_rate": rate, "transcript": DIGIT_WORDS[digit],
+               "audio_pcm16": base64.b64encode(pcm).decode("ascii"), "timestamp": time.time()}
 
 
 def file_messages(path: str | Path) -> Iterator[bytes]:

@@ -90,3 +90,23 @@ def test_schema_accepts_the_valid_forms_and_refuses_both_or_neither():
     assert not v.is_valid(json.loads(_msg(audio_pcm16="AAAA")))
     assert not v.is_valid(json.loads(_msg(audio=_DROP)))
     assert not v.is_valid(json.loads(_msg(transcript="thr3e")))
+
+
+def test_the_producer_streams_fsdd_recordings_as_valid_speech_messages(tmp_path):
+    import wave
+
+    from daemon.producer import dataset_messages
+
+    for name in ("3_ann_0.wav", "3_ann_7.wav", "8_bob_12.wav"):
+        with wave.open(str(tmp_path / name), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(RATE)
+            w.writeframes((np.arange(800) % 50 * 100).astype("<i2").tobytes())
+    train = list(dataset_messages("fsdd", "train", root=tmp_path))
+    assert sorted(m["id"] for m in train) == ["fsdd/3_ann_7", "fsdd/8_bob_12"]
+    assert [m["id"] for m in dataset_messages("fsdd", "test", root=tmp_path)] == ["fsdd/3_ann_0"]
+    for m in train:
+        s = _parse(json.dumps(m).encode())
+        assert isinstance(s, SpeechSample) and len(s.audio) == 800
+        assert s.transcript == {"fsdd/3_ann_7": "three", "fsdd/8_bob_12": "eight"}[m["id"]]
