@@ -258,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dataset == "fashion-mnist" and not fashion_mnist_available(args.data_dir):
         p.error("Fashion-MNIST not found (install dataset-fashion-mnist or pass --data-dir); "
                 "--dataset digits runs anywhere")
+    if args.dataset in SPEECH_DATASETS and not args.data_dir:
+        p.error(f"--dataset {args.dataset} needs --data-dir, the directory of its WAV files")
     if args.split == "speakers" and args.dataset not in SPEECH_DATASETS:
         p.error("--split speakers needs a speech data set (fsdd)")
     if args.first_fraction is not None and not 0 < args.first_fraction <= 1:

@@ -46,7 +46,9 @@ def test_paper_speech_schedule():
 
 def test_speech_needs_a_speech_model():
     with pytest.raises(SystemExit):
-        experiments.parse_args(["--dataset", "fsdd", "--model", "lenet-5", "--out", "x"])
+        experiments.parse_args(["--dataset", "fsdd", "--model", "lenet-5", "--data-dir", "d", "--out", "x"])
+    with pytest.raises(SystemExit):
+        experiments.parse_args(["--dataset", "fsdd", "--model", "deepspeech2-hlstm", "--out", "x"])
     with pytest.raises(SystemExit):
         experiments.parse_args(["--dataset", "digits", "--split", "speakers", "--out", "x"])
 
