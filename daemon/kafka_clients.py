@@ -16,7 +16,8 @@ from kafka.errors import TopicAlreadyExistsError
 
 from daemon.settings import KafkaSettings
 
-__all__ = ["Clients", "close_quietly", "create_topic", "open_clients", "topic_id"]
+__all__ = ["Clients", "close_quietly", "consumer_fetch_config", "create_topic", "open_clients",
+           "topic_id"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,13 @@ class Clients(NamedTuple):
     producer: KafkaProducer
 
 
+def consumer_fetch_config(kafka: KafkaSettings) -> dict[str, int]:
+    """How much one fetch may bring: room for several of the largest messages per partition."""
+    per_partition = max(8 << 20, kafka.max_message_bytes + HEADER_OVERHEAD)
+    return {"max_partition_fetch_bytes": per_partition,
+            "fetch_max_bytes": max(50 << 20, per_partition)}
+
+
 def open_clients(kafka: KafkaSettings, metadata_max_age_ms: int) -> Clients:
     """Connect the three clients (raises if the broker cannot be reached)."""
     common = {**kafka.client_kwargs(), "bootstrap_timeout_ms": 5_000,
@@ -56,8 +64,7 @@ def open_clients(kafka: KafkaSettings, metadata_max_age_ms: int) -> Clients:
             client_id="gnpd-ingest", group_id=kafka.group_id, enable_auto_commit=False,
             auto_offset_reset="none",  # an offset out of range is the ingestor's to handle
             check_crcs=_FAST_CRC, metadata_max_age_ms=metadata_max_age_ms,
-            max_partition_fetch_bytes=max(8 << 20, kafka.max_message_bytes + HEADER_OVERHEAD),
-            **common)
+            **consumer_fetch_config(kafka), **common)
     except BaseException:
         close_quietly(admin)
         raise

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics", "REJECT_REASONS", "UPDATE_OUTCOMES"]
+__all__ = ["JSON_REJECT_REASONS", "Metrics", "REJECT_REASONS", "UPDATE_OUTCOMES"]
 
-REJECT_REASONS = (
+JSON_REJECT_REASONS = (  # what a JSON sample message can be rejected for
     "invalid_json", "not_object", "missing_field", "bad_shape",
     "non_finite", "bad_label", "too_large", "bad_type", "unstorable",
 )
+# An Arrow batch message that is not an Arrow IPC stream is invalid_arrow; its rows
+# are rejected for the JSON reasons (missing_field, bad_shape, non_finite, ...).
+REJECT_REASONS = (*JSON_REJECT_REASONS, "invalid_arrow")
 UPDATE_OUTCOMES = ("success", "failed", "abandoned", "infra_error")
 
 _UPDATE_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
