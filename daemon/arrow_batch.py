@@ -249,8 +249,9 @@ def _timestamps(table: pa.Table, reject) -> pa.Array | None:
     if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
         raise _Whole("bad_type", f"timestamp must be a number column (Unix seconds), "
                                  f"got {col.type}")
-    col = col.cast(pa.float64())
-    values = col.fill_null(0.0).to_numpy(zero_copy_only=False)
+    if col.type != pa.float64():
+        col = col.cast(pa.float64())
+    values = (col.fill_null(0.0) if col.null_count else col).to_numpy(zero_copy_only=False)
     bad = ~np.isfinite(values)
     if bad.any():
         reject(bad, "non_finite", lambda i: f"timestamp is {values[i]}")

@@ -30,7 +30,6 @@ described in ``schemas/chunk.md``.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import threading
@@ -471,12 +470,16 @@ def _offset_ranges(table: pa.Table) -> dict[int, tuple[int, int]]:
             for p in np.unique(parts)}
 
 
-def _ipc_bytes(table: pa.Table) -> bytes:
-    """The Arrow IPC file of ``table`` in memory (its checksum is taken before writing)."""
-    sink = io.BytesIO()
+def _ipc_bytes(table: pa.Table) -> memoryview:
+    """The Arrow IPC file of ``table`` in memory (its checksum is taken before writing).
+
+    An Arrow buffer, not BytesIO: no regrowth copies and no copy out (a 16 MB chunk took
+    ~80 ms through BytesIO on the loaded benchmark machine).
+    """
+    sink = pa.BufferOutputStream()
     with ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    return sink.getvalue()
+    return memoryview(sink.getvalue())
 
 
 def _read_ipc(path: Path) -> pa.Table:

@@ -237,17 +237,20 @@ def test_rows_exactly_once_across_sigkill(kafka_bootstrap: str, make_topic,
             return subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=REPO)
 
         threading.Thread(target=produce, daemon=True).start()
-        proc, t0 = start_worker(), time.monotonic()
-        while _manifest_rows(store_dir) == 0 and time.monotonic() < t0 + 30:
-            time.sleep(0.02)
-        startup = time.monotonic() - t0
-        rows_at_kill = []
+        rows_at_kill: list[int] = []
         while len(rows_at_kill) < 6 or not done.is_set():
+            # each worker is killed just after it sealed something new (or at a random
+            # moment once everything is sealed): the kills land mid-stream, at new points
+            proc, before = start_worker(), _manifest_rows(store_dir)
+            deadline = time.monotonic() + 30
+            while (_manifest_rows(store_dir) == before < len(good_ids)
+                   and time.monotonic() < deadline):
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.4))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             rows_at_kill.append(_manifest_rows(store_dir))
-            proc = start_worker()
-            time.sleep(rng.uniform(0.8 * startup, startup + 1.2))
+        proc = start_worker()
         try:
             deadline = time.monotonic() + 60
             while _manifest_rows(store_dir) < len(good_ids):
