@@ -109,10 +109,13 @@ class Metrics:
         self.predict_duration = Histogram(
             "gnp_predict_duration_seconds", "Predict request latency",
             buckets=_PREDICT_BUCKETS, registry=r)
+        self.predict_batch_rows = Histogram(
+            "gnp_predict_batch_rows", "Instances per forward pass of the dynamic batcher",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096), registry=r)
         # Pre-create labelled children so every series exists from the first scrape.
         for reason in REJECT_REASONS:
             self.ingest_rejected.labels(reason=reason)
         for outcome in UPDATE_OUTCOMES:
             self.updates.labels(outcome=outcome)
-        for status in ("ok", "error"):
+        for status in ("ok", "error", "overloaded"):
             self.predict_requests.labels(status=status)

@@ -63,6 +63,7 @@ class Job:
     augment: bool = False  # the task's random distortions on training batches
     memory_limit_bytes: int = 0  # 0: no limit
     parent_pid: int = 0
+    torch_threads: int = 0  # torch intra-op threads; 0: torch's default (every core)
     update_fn: str = "gnp:update"
     evaluate_fn: str = "gnp:evaluate"
 
@@ -325,6 +326,10 @@ def _run(job: Job, stop: _Stop) -> dict[str, Any]:
     if problem:
         return {"outcome": "infra_error", "reason": problem}
     _limit_memory(job.memory_limit_bytes)
+    if job.torch_threads:
+        import torch
+
+        torch.set_num_threads(job.torch_threads)
     result: dict[str, Any] = {"outcome": "infra_error", "reason": "", "pid": os.getpid()}
     during = "reading the store"
     try:
