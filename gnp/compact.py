@@ -32,7 +32,7 @@ from gnp.masks import MASK
 from gnp.models.init import LEAKY_SLOPE
 from gnp.units import UNIT_MASK, unit_layout
 
-__all__ = ["compact_model", "save_dense", "load_dense", "kept_units"]
+__all__ = ["compact_model", "save_dense", "load_dense", "kept_units", "count_macs"]
 
 
 def _conn_mask(m: nn.Module) -> torch.Tensor:
@@ -80,13 +80,16 @@ def kept_units(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _fold(model_mods: dict[str, nn.Module], prod: str, norm: str | None, cons: list[str],
           drop: torch.Tensor) -> None:
-    """Add the constant output of the dropped input-less units into the consumers' biases."""
+    """Add the constant output of the dropped input-less units into the consumers' biases
+    (a consumer without a bias only ever loses units it does not read: nothing to add)."""
     p = model_mods[prod]
     const = _constant_output(p, model_mods[norm] if norm else None) * drop
     if not bool(const.any()):
         return
     for c in cons:
         m = model_mods[c]
+        if m.bias is None:
+            continue
         w = (m.weight.detach() * _conn_mask(m)).reshape(m.weight.shape[0], len(const), -1)
         with torch.no_grad():
             m.bias += torch.einsum("u,ouz->o", const, w)  # (O, units, columns per unit)
@@ -184,3 +187,28 @@ def load_dense(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     model.load_state_dict(state, strict=True)
     model.compact = True
     return model.eval()
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one sample through the Linear/Conv layers, counting only
+    active weights (a masked weight costs nothing on sparse hardware; a compact model has
+    no masks, so this is its dense cost): active weights x output positions per layer."""
+    total, hooks = [0], []
+
+    def hook(m, _, out):
+        mask = getattr(m, MASK, None)
+        active = int(mask.sum()) if isinstance(mask, torch.Tensor) else m.weight.numel()
+        total[0] += active * (out[0, 0].numel() if out.dim() > 2 else 1)
+
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            hooks.append(m.register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    p = next(model.parameters())
+    model(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
+    model.train(was)
+    for h in hooks:
+        h.remove()
+    return total[0]

@@ -55,8 +55,8 @@ class Schedule:
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     nonrecoverable: PruneConfig | None = None  # set to also export an ultra-compact model
-    unit_seed: float = 0.1  # cgap: share of each layer's units active at start
-    unit_growth: float = 0.2  # cgap: a growth step adds this x a layer's active units
+    unit_seed: float = 0.25  # cgap: share of each layer's units active at start
+    unit_growth: float = 0.5  # cgap: a growth step adds this x a layer's active units
 
     @classmethod
     def quick(cls) -> "Schedule":

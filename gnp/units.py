@@ -221,12 +221,12 @@ def select_unit_growth(score: torch.Tensor, mask: torch.Tensor, n: int) -> torch
 
 
 def select_unit_prune(score: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
-    """The new mask after removing the `beta` percent lowest-scored active units, never the
-    last one."""
+    """The new mask after removing the `beta` percent lowest-scored active units (rounded up:
+    a small layer loses one unit a step rather than none), never the last one."""
     if not 0.0 < beta < 100.0:
         raise ValueError(f"beta must be a percent in (0, 100), got {beta}")
     active = int(mask.sum())
-    n = min(int(active * beta / 100.0), active - 1)
+    n = min(math.ceil(active * beta / 100.0), active - 1)
     new = mask.clone()
     if n > 0:
         new[torch.topk(score.float().masked_fill(~mask, math.inf), n, largest=False).indices] = False

@@ -97,6 +97,7 @@ def test_select_unit_prune_removes_the_lowest_scored_and_never_the_last():
     score = torch.tensor([0.5, 0.1, 0.9, 0.2, 0.0])
     mask = torch.tensor([True, True, True, True, False])
     assert select_unit_prune(score, mask, 50).tolist() == [True, False, True, False, False]
+    assert select_unit_prune(score, mask, 1).tolist() == [True, False, True, True, False]
     one = torch.tensor([False, True, False, False, False])
     assert torch.equal(select_unit_prune(score, one, 99), one)
 
