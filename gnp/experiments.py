@@ -129,6 +129,10 @@ def schedule_of(args: argparse.Namespace) -> Schedule:
     s = replace(s, train=replace(s.train, augment=augment))
     if args.incremental_lr is not None:
         s = replace(s, incremental_lr=args.incremental_lr or None)
+    if args.unit_seed is not None:
+        s = replace(s, unit_seed=args.unit_seed)
+    if args.unit_growth is not None:
+        s = replace(s, unit_growth=args.unit_growth)
     return s
 
 
@@ -229,6 +233,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="affine distortions; auto = the per-data-set choice (AUGMENT_DEFAULT)")
     p.add_argument("--incremental-lr", type=float, default=None,
                    help="peak lr when updating a trained model, ours and nft (0: the training lr)")
+    p.add_argument("--unit-seed", type=float, default=None,
+                   help="cgap: share of each layer's units in the seed (default Schedule.unit_seed)")
+    p.add_argument("--unit-growth", type=float, default=None,
+                   help="cgap: a growth step adds this x a layer's active units")
     p.add_argument("--save-models", action="store_true",
                    help="write each method's latest served model to OUT/models/ (safetensors)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
