@@ -124,3 +124,29 @@ def test_resnet18_small_image_stem_keeps_resolution_until_stage_two():
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert seen["s1"] == (2, 64, 28, 28) and seen["s4"] == (2, 512, 4, 4)
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+
+
+@pytest.mark.slow  # 1-1.5 min each on the shared 2-core machine: run with -m slow
+@pytest.mark.parametrize("method", ["ours", "cgap"])
+def test_resnet18_grows_and_prunes_connections_and_units(method):
+    """Both growth/pruning kinds run on ResNet-18 (tiny inputs, a token schedule), and the
+    served model compacts to an equal plain model."""
+    from dataclasses import replace
+    from gnp.data import incremental_split
+    from gnp.policies import update
+    from gnp.train import TrainConfig
+    ds = gnp.load_dataset("digits")
+    chunks, val = incremental_split(ds.train.subset(slice(0, 160)), 1, 32, seed=0)
+    s = replace(gnp.Schedule(baseline_epochs=2, grow_every=2, unit_seed=0.5),
+                train=TrainConfig(batch_size=8),
+                prune=gnp.PruneConfig(beta=20, retrain_epochs=0.25, retrain_slice=0.25,
+                                      max_iterations=2, noise_z=100.0, holdout=0.0))
+    r = update(method, None, new=chunks[0], all=chunks[0], val=val, schedule=s,
+               build=lambda: gnp.build_model("resnet-18", (1, 8, 8), 10), device="cpu")
+    assert r.growth and r.growth[0].grown > 0
+    assert r.prune.iterations >= 1 and r.params.active < r.params.dense
+    small = compact_model(r.model)
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.allclose(small(x), r.model(x), atol=1e-4, rtol=1e-3)
+    if method == "cgap":
+        assert sum(p.numel() for p in small.parameters()) < r.params.dense
