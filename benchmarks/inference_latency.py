@@ -10,8 +10,9 @@ forward pass (torch.inference_mode, eval mode, CPU) of:
 - dense: TFS's served model as a plain full-width module (masks folded into the
   weights, mask buffers dropped): the cost of any dense LeNet-300-100;
 - masked (ours), masked (cgap): the served models as trained, with their masks;
-- compact (ours), compact (ours, non-recoverable), compact (cgap): gnp.compact's
-  plain dense models with the inactive units sliced away.
+- compact (ours), compact (ours, non-recoverable), compact (cgap), compact (cgap,
+  non-recoverable): gnp.compact's plain dense models with the inactive units sliced away;
+- floor: the same layers one unit wide, what a forward pass costs besides arithmetic.
 
 Each row gives the test error of that model, its parameters, its file size (a
 safetensors file of its state: weights, masks where it has them) and, per setting,
@@ -121,6 +122,8 @@ def _time(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=Path, required=True)
+    p.add_argument("--cgap-models", type=Path, default=None,
+                   help="read cgap.safetensors (and cgap-nonrecoverable) here (default --models)")
     p.add_argument("--model", default="lenet-300-100")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--threads", default="2,1")
@@ -131,14 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ds = load_dataset(args.dataset)
     shape, classes = tuple(ds.input_shape), ds.num_classes
-    f = lambda tag: _load(args.models / f"{tag}.safetensors", args.model, shape, classes)  # noqa: E731
-    tfs, ours, cgap = f("tfs"), f("ours"), f("cgap")
+    f = lambda tag, d=args.models: _load(d / f"{tag}.safetensors", args.model, shape, classes)  # noqa: E731
+    cgap_dir = args.cgap_models or args.models
+    tfs, ours, cgap = f("tfs"), f("ours"), f("cgap", cgap_dir)
     models = {"dense (tfs weights, no masks)": _plain(tfs), "masked (ours)": ours,
               "masked (cgap)": cgap, "compact (ours)": compact_model(ours)}
     nonrec = args.models / "ours-nonrecoverable.safetensors"
     if nonrec.exists():
         models["compact (ours, non-recoverable)"] = compact_model(f("ours-nonrecoverable"))
     models["compact (cgap)"] = compact_model(cgap)
+    if (cgap_dir / "cgap-nonrecoverable.safetensors").exists():
+        models["compact (cgap, non-recoverable)"] = compact_model(f("cgap-nonrecoverable", cgap_dir))
     models["floor: 1 unit per hidden layer"] = _floor(cgap)
     rows = []
     for name, m in models.items():

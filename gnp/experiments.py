@@ -158,7 +158,7 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
             for method in methods:
                 def progress(phase: str, step: int, total: int) -> None:
                     bar.set_description(f"seed {seed} chunk {k}/{len(chunks)} {method} {phase} {step}/{total}")
-                sched = schedule.with_nonrecoverable() if (args.compact and method == "ours") else schedule
+                sched = schedule.with_nonrecoverable() if (args.compact and method in ("ours", "cgap")) else schedule
                 pre = {}
                 r = update(method, carry[method], new=chunks[k - 1], all=all_data, val=val,
                            schedule=sched, build=build, device=device,
@@ -228,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="reduced schedule (minutes on a CPU)")
     p.add_argument("--compact", action="store_true",
-                   help="also export ours' non-recoverable compact model: its size, error and bytes")
+                   help="also export ours' and cgap's non-recoverable compact model: its size, error and bytes")
     p.add_argument("--augment", default="auto", choices=["auto", "on", "off"],
                    help="affine distortions; auto = the per-data-set choice (AUGMENT_DEFAULT)")
     p.add_argument("--incremental-lr", type=float, default=None,

@@ -247,8 +247,7 @@ def update(method: str, model: nn.Module | None, *, new: Samples, all: Samples,
     step = None if units is None else (lambda beta: unit_prune_step(units, t.masks, beta, t.opt))
     report = _prune(t, data["all"], val_d, s.prune, s.train.lr, "prune", progress, step)
     cost = meter.finish(len(all))
-    # Unit pruning has no non-recoverable variant here: cgap's export is gnp.compact's.
-    compact = _export(t, data["all"], val_d, s, progress) if s.nonrecoverable and units is None else None
+    compact = _export(t, data["all"], val_d, s, progress, units is not None) if s.nonrecoverable else None
     served = t.model.cpu().eval()
     return UpdateResult(
         served, carry if m.dense_carry else (None if m.fresh else served),
@@ -270,12 +269,15 @@ def _prune(t: Trainer, data: Samples, val: Samples, cfg: PruneConfig, base_lr: f
 
 
 def _export(t: Trainer, data: Samples, val: Samples, s: Schedule,
-            progress: Progress | None) -> tuple[nn.Module, ParamCount, float]:
-    """The non-recoverable export: a copy pruned on, with its own trainer and cost meter."""
+            progress: Progress | None, structured: bool = False) -> tuple[nn.Module, ParamCount, float]:
+    """The non-recoverable export: a copy pruned on, with its own trainer and cost meter
+    (whole units for cgap: within the tolerance, past the paired no-loss check)."""
     tc = Trainer(copy.deepcopy(t.model), t.device, s.train, CostMeter(str(t.device)), t.task,
                  should_stop=t.should_stop)
     tc.gen = t.gen  # continue the same shuffle stream
-    report = _prune(tc, data, val, s.nonrecoverable, s.train.lr, "prune-compact", progress)
+    units = UnitMasks(tc.model) if structured else None
+    step = None if units is None else (lambda beta: unit_prune_step(units, tc.masks, beta, tc.opt))
+    report = _prune(tc, data, val, s.nonrecoverable, s.train.lr, "prune-compact", progress, step)
     return tc.model.cpu().eval(), count_parameters(tc.model), report.final_accuracy
 
 
