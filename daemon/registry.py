@@ -193,6 +193,16 @@ class ModelRegistry:
         """A fresh, untrained model of the registry's architecture."""
         return self._build(self.model_name, self.input_shape, self.num_classes)
 
+    def build_for(self, tensors: dict[str, Any]) -> nn.Module:
+        """A fresh model that a checkpoint's tensors load into: with unit masks
+        (gnp.units) when the checkpoint has them (a cgap model), else as ``build()``."""
+        model = self.build()
+        if any(k.endswith(".unit_mask") for k in tensors):
+            from gnp.units import UnitMasks  # lazily, as the default builder
+
+            UnitMasks.attach(model)
+        return model
+
     def save(self, model: nn.Module, meta: ModelVersion) -> ModelVersion:
         """Write ``model`` as a new version; returns ``meta`` with version, sha and created set.
 
@@ -243,7 +253,7 @@ class ModelRegistry:
             raise CheckpointError(f"version {number}: weights file does not match its SHA-256")
         try:
             tensors = safetensors.torch.load(blob)
-            model = self.build()
+            model = self.build_for(tensors)
             model.load_state_dict(tensors, strict=True)
         except Exception as e:  # safetensors and torch raise several types
             raise CheckpointError(f"version {number}: cannot load weights: {e}") from e

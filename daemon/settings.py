@@ -264,6 +264,10 @@ class TrainSettings(_Section):
 
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where updates train; auto = cuda when available")
+    method: Literal["ours", "cgap"] = Field(
+        "ours", description="ours: connection grow-and-prune (unstructured masks); cgap: "
+                            "whole-unit grow-and-prune (neurons, filters), a physically "
+                            "smaller model")
     schedule: Literal["paper", "quick"] = Field(
         "paper", description="paper: 15/20/60 epochs; quick: 3/4/12 (demos, small CPUs)")
     stop_timeout_seconds: float = Field(
