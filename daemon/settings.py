@@ -230,6 +230,10 @@ class ServeSettings(_Section):
 
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any free port)")
+    model: Literal["recoverable", "compact"] = Field(
+        "recoverable", description="recoverable: serve the model that keeps learning (full "
+                                   "width, masked); compact: serve its physical compaction "
+                                   "(inactive units sliced away, plain dense layers)")
     max_body_bytes: int = Field(
         16 * 2**20, gt=0,
         description="largest POST /v1/predict body; larger ones get 413 without being read "
