@@ -38,6 +38,12 @@ class Metrics:
         self.model_dense_parameters = Gauge(
             "gnp_model_dense_parameters",
             "Parameters of the served architecture if fully dense", registry=r)
+        self.model_served_parameters = Gauge(
+            "gnp_model_served_parameters", "Parameters the serving module holds (the compact "
+            "model's physical size with GNPD_SERVE__MODEL=compact)", registry=r)
+        self.model_served_latency = Gauge(
+            "gnp_model_served_latency_seconds", "Measured batch-1 forward time of the serving "
+            "module, at publish", registry=r)
         self.model_version = Gauge(
             "gnp_model_version", "Version of the served model (0 = none yet)", registry=r)
         self.model_swaps = Counter(

@@ -349,6 +349,7 @@ def _add_status(app: FastAPI, served: ServedModel, metrics: Metrics,
                     num_classes=v.num_classes, seen_chunks=len(v.seen_chunk_ids),
                     history=[_version_summary(h) for h in history()])
         info.update(model_status() if model_status is not None else {})
+        info["serving"] = served.info()
         return JSONResponse(info)
 
     # The probes and /metrics are `async def`: they run on the event loop itself, so no

@@ -230,6 +230,10 @@ class ServeSettings(_Section):
 
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any free port)")
+    model: Literal["recoverable", "compact"] = Field(
+        "recoverable", description="recoverable: serve the model that keeps learning (full "
+                                   "width, masked); compact: serve its physical compaction "
+                                   "(inactive units sliced away, plain dense layers)")
     max_body_bytes: int = Field(
         16 * 2**20, gt=0,
         description="largest POST /v1/predict body; larger ones get 413 without being read "
@@ -281,6 +285,10 @@ class TrainSettings(_Section):
 
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where updates train; auto = cuda when available")
+    method: Literal["ours", "cgap"] = Field(
+        "ours", description="ours: connection grow-and-prune (unstructured masks); cgap: "
+                            "whole-unit grow-and-prune (neurons, filters), a physically "
+                            "smaller model")
     schedule: Literal["paper", "quick"] = Field(
         "paper", description="paper: 15/20/60 epochs; quick: 3/4/12 (demos, small CPUs)")
     stop_timeout_seconds: float = Field(

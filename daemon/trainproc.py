@@ -58,6 +58,7 @@ class Job:
     reference_versions: tuple[int, ...]  # evaluated on the validation set for the gate
     out_dir: str
     schedule: Any = "paper"  # "paper", "quick" or a gnp.Schedule as a dict
+    method: str = "ours"  # gnp.update's method ("ours" or "cgap")
     device: str = "auto"
     replay_memory_bytes: int = 2 * 2**30
     augment: bool = False  # the task's random distortions on training batches
@@ -263,7 +264,7 @@ def _train(job: Job, data: Any, stop: _Stop) -> tuple[dict[str, Any], Any]:
     schedule = _schedule(job.schedule)
     schedule = dataclasses.replace(schedule, train=dataclasses.replace(
         schedule.train, resident_bytes=job.replay_memory_bytes, augment=job.augment))
-    res = update("ours", base, new=new, all=replay, val=val, schedule=schedule,
+    res = update(job.method, base, new=new, all=replay, val=val, schedule=schedule,
                  build=registry.build, device=job.device, progress=_progress_logger(),
                  should_stop=stop)
     evaluate = _resolve(job.evaluate_fn)

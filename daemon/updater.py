@@ -61,6 +61,7 @@ class UpdatePolicy:
 
     device: str = "auto"
     schedule: Any = "paper"
+    method: str = "ours"  # gnp.update's method: "ours" or "cgap"
     min_accuracy: float = 0.0
     max_accuracy_drop: float = 0.03
     gate_versions: int = 5
@@ -79,7 +80,7 @@ class UpdatePolicy:
     def from_settings(cls, settings: Any) -> UpdatePolicy:
         """The policy of ``settings.train``."""
         t = settings.train
-        return cls(device=str(t.device), schedule=t.schedule,
+        return cls(device=str(t.device), schedule=t.schedule, method=str(t.method),
                    min_accuracy=float(t.min_accuracy),
                    max_accuracy_drop=float(t.max_accuracy_drop),
                    gate_versions=int(t.gate_versions), stop_timeout=float(t.stop_timeout_seconds), max_attempts=t.max_attempts,
@@ -302,7 +303,8 @@ class UpdateWorker:
             num_classes=self.registry.num_classes,
             base_version=head.version if head is not None else None,
             reference_versions=tuple(refs), out_dir=str(out),
-            schedule=schedule_to_json(self.policy.schedule), device=self.policy.device,
+            schedule=schedule_to_json(self.policy.schedule), method=self.policy.method,
+            device=self.policy.device,
             replay_memory_bytes=self.policy.replay_memory_bytes, augment=self.policy.augment,
             memory_limit_bytes=self.policy.child_memory_bytes, parent_pid=os.getpid(),
             torch_threads=self.policy.torch_threads,
@@ -322,7 +324,7 @@ class UpdateWorker:
         result = attempt.result
         try:
             tensors = safetensors.torch.load_file(str(out / result["candidate"]))
-            model = self.registry.build()
+            model = self.registry.build_for(tensors)
             model.load_state_dict(tensors, strict=True)
         except Exception as e:  # noqa: BLE001 - a candidate that does not load is not the data's fault
             return _Attempt("infra_error", attempt.chunk_ids,

@@ -16,10 +16,11 @@ from torch import nn
 from gnp.masks import Masks
 from gnp.models.init import LEAKY_SLOPE, init_parameters
 from gnp.models.lenet import LeNet5, LeNet5Caffe, LeNet300100
+from gnp.models.resnet import ResNet18
 from gnp.models.spec import ModelSpec
 
 __all__ = ["ModelSpec", "MODELS", "build_model", "register", "init_parameters",
-           "LeNet300100", "LeNet5", "LeNet5Caffe", "LEAKY_SLOPE"]
+           "LeNet300100", "LeNet5", "LeNet5Caffe", "ResNet18", "LEAKY_SLOPE"]
 
 Builder = Callable[[ModelSpec], nn.Module]
 
@@ -27,6 +28,7 @@ MODELS: dict[str, Builder] = {
     "lenet-300-100": LeNet300100,
     "lenet-5": LeNet5,
     "lenet-5-caffe": LeNet5Caffe,
+    "resnet-18": ResNet18,
 }
 
 
