@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test bench experiment clean
+.PHONY: setup data demo test bench bench-daemon experiment clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,15 @@ test: setup data
 
 bench: setup data
 	$(PY) -m gnp.bench --out docs/results
+
+# Daemon benchmarks: ingest (JSON vs Arrow batches) and predict latency. The latter drives
+# the server with wrk (Debian package `wrk`), installed here when apt-get works (root).
+bench-daemon: setup
+	@command -v wrk >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null) \
+	  || echo "warning: wrk missing: apt-get install -y wrk"
+	OMP_NUM_THREADS=1 $(PY) benchmarks/ingest_throughput.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/predict_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

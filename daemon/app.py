@@ -34,6 +34,19 @@ __all__ = ["Daemon", "StoreMismatchError"]
 log = logging.getLogger(__name__)
 
 
+def _set_torch_threads(threads: int) -> None:
+    """Torch intra-op threads of this process (serving's forward pass); 0 = torch's default.
+
+    The training child sets its own (``GNPD_TRAIN__TORCH_THREADS``); with one thread here a
+    forward pass of a small model leaves the other cores to HTTP and ingestion.
+    """
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+        log.info("torch uses %d intra-op thread(s) for serving", threads)
+
+
 class StoreMismatchError(RuntimeError):
     """The latest checkpoint learnt from another store than the one configured."""
 
@@ -57,7 +70,7 @@ class Daemon:
         self.policy = policy or UpdatePolicy.from_settings(settings)
         self.on_update = on_update
         m = settings.model
-        self.served = ServedModel(m.input_shape)
+        self.served = ServedModel(m.input_shape, settings.serve.model)
         self.registry = ModelRegistry(m.path, m.name, m.input_shape, m.num_classes)
         self.store: ChunkStore | None = None
         self.control: ModelControl | None = None
@@ -82,6 +95,7 @@ class Daemon:
     def start(self) -> Daemon:
         """Serve the latest checkpoint, then start the broker, updater and ingestion."""
         s = self.settings
+        _set_torch_threads(s.serve.torch_threads)
         try:
             self.store = ChunkStore(s.store.path, s.store.chunk_size, s.model.input_shape,
                                     s.store.val_fraction)

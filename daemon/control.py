@@ -45,10 +45,15 @@ class ControlError(Exception):
         self.status = status
 
 
-def record_served(metrics: Metrics, version: ModelVersion) -> None:
-    """Set the served-model gauges for ``version``."""
+def record_served(metrics: Metrics, version: ModelVersion,
+                  served: dict[str, Any] | None = None) -> None:
+    """Set the served-model gauges for ``version`` (and ``ServedModel.info()``)."""
     from gnp.models import SPEECH_MODELS
 
+    if served:
+        metrics.model_served_parameters.set(served["parameters"])
+        if served["latency_seconds_batch1"] is not None:
+            metrics.model_served_latency.set(served["latency_seconds_batch1"])
     metrics.model_accuracy.set(version.val_accuracy)
     # a speech model's validation metric is 1 - WER (gnp.tasks.CTC): chart it as a WER too
     speech = version.model_name in SPEECH_MODELS
@@ -205,7 +210,7 @@ class ModelControl:
     def _publish(self, model: nn.Module, version: ModelVersion, swap: bool = True) -> None:
         """Serve ``model``; ``swap`` counts it as a swap (updates count their own)."""
         self.served.publish(model, version)
-        record_served(self.metrics, version)
+        record_served(self.metrics, version, self.served.info())
         if swap:
             self.metrics.model_swaps.inc()
             self.metrics.model_last_swap.set(time.time())

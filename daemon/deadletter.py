@@ -2,7 +2,8 @@
 
 Each record carries the original message bytes and these headers: ``reason`` (one of
 :data:`daemon.metrics.REJECT_REASONS`), ``detail``, ``source_topic``,
-``source_partition``, ``source_offset``, and ``truncated`` (the original size in
+``source_partition``, ``source_offset``, ``source_row`` (for one row of an Arrow batch
+message, whose value is then that row alone as an Arrow IPC stream), and ``truncated`` (the original size in
 bytes) when the value had to be cut.
 
 A send can never block ingestion for good: the value is cut to ``max_value_bytes``
@@ -73,6 +74,8 @@ class DeadLetterWriter:
             ("source_partition", str(rej.partition).encode()),
             ("source_offset", str(rej.offset).encode()),
         ]
+        if rej.row is not None:
+            headers.append(("source_row", str(rej.row).encode()))
         if size < len(rej.raw):
             headers.append(("truncated", str(len(rej.raw)).encode()))
         future = self.producer.send(self.topic, value=rej.raw[:size], headers=headers)

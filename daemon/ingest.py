@@ -5,7 +5,11 @@ through ``subscribe()`` takes ~23 s on Tansu; gnpd keeps its own offsets in the
 store's manifest, so it needs no group membership) and seeks each partition to
 the store's resume point. For each message it either appends a
 :class:`~daemon.messages.Sample` to the store or sends the raw bytes to the
-dead-letter topic with ``reason``/``detail``/source headers.
+dead-letter topic with ``reason``/``detail``/source headers. A message whose
+``content-type`` header announces an Arrow batch (:mod:`daemon.arrow_batch`) is
+validated as a whole batch: its good rows go to the store as one
+:class:`~daemon.arrow_batch.RowBatch` (columns, no per-row Python work) and each bad
+row is dead-lettered alone, its ``source_row`` header naming it.
 
 Delivery guarantees:
 
@@ -43,6 +47,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError, LogTruncationError, OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata
 
+from daemon.arrow_batch import RowBatch, is_arrow, parse_arrow_batch
 from daemon.deadletter import DeadLetterError, DeadLetterWriter
 from daemon.kafka_clients import _FAST_CRC  # noqa: F401 - benchmarks import it from here
 from daemon.kafka_clients import close_quietly, create_topic, open_clients, topic_id
@@ -64,8 +69,8 @@ class IngestStats:
     """Counters since the Ingestor was built (a snapshot)."""
 
     consumed: int = 0     # records read from Kafka, duplicates excluded
-    stored: int = 0       # valid samples appended to the store's buffer
-    rejected: int = 0     # records dead-lettered, each counted once (re-reads excluded)
+    stored: int = 0       # valid samples (rows) appended to the store's buffer
+    rejected: int = 0     # records (or batch rows) dead-lettered, each counted once
     duplicates: int = 0   # re-delivered records ignored
     sealed: int = 0       # chunks sealed
     errors: int = 0       # recoveries (buffer dropped, reconnected)
@@ -291,7 +296,7 @@ class Ingestor:
     def _handle_partition(self, partition: int, records: list) -> int:
         start = self.store.positions().get(partition, 0)
         read_before = self._read_upto.get(partition, 0)
-        run: list[Sample] = []
+        run: list[Sample | RowBatch] = []
         for rec in records:
             if rec.offset < start:
                 self._counts["duplicates"] += 1
@@ -304,7 +309,9 @@ class Ingestor:
                 self._counts["reread"] += 1
                 self.metrics.ingest_reread.inc()
             result = self._parse(partition, rec)
-            if isinstance(result, Sample):
+            if isinstance(result, tuple):
+                run = self._take_batch(partition, rec.offset, *result, run, fresh)
+            elif isinstance(result, Sample):
                 run.append(result)
                 if fresh:
                     self.metrics.ingest_samples.inc()
@@ -314,6 +321,29 @@ class Ingestor:
                 self._dead_letter(result, fresh or self._first_unstorable(partition, rec.offset))
         self._store(run)
         return len(records)
+
+    def _take_batch(self, partition: int, offset: int, batch: RowBatch | None,
+                    rejections: list[Rejection], run: list, fresh: bool) -> list:
+        """Queue the bad rows of a batch message for the DLQ and its good rows for the store.
+
+        Returns the run of items still to store.
+        """
+        if rejections or batch is None:
+            self._store(run)  # in order: the store consumes offsets only forwards
+            run = []
+            if batch is None and not self.store.skip(partition, offset):
+                return run
+            assert self._dlq is not None
+            for rej in rejections:  # before the seal that covers them (flushed there)
+                self._dlq.send(rej)
+                if fresh:
+                    self._counts["rejected"] += 1
+                    self.metrics.ingest_rejected.labels(reason=rej.reason).inc()
+        if batch is not None:
+            run.append(batch)
+            if fresh:
+                self.metrics.ingest_samples.inc(len(batch))
+        return run
 
     def _first_unstorable(self, partition: int, offset: int) -> bool:
         """True once for each record set aside by a failed seal: count its rejection once.
@@ -326,18 +356,23 @@ class Ingestor:
         self._poison_counted.add(key)
         return True
 
-    def _parse(self, partition: int, rec: Any) -> Sample | Rejection:
+    def _parse(self, partition: int, rec: Any
+               ) -> Sample | Rejection | tuple[RowBatch | None, list[Rejection]]:
         value, offset = rec.value, rec.offset  # a kafka ConsumerRecord
         poison = self._poison.get((partition, offset))
         if poison is not None:  # found by a failed seal: never parse it into a sample again
             return Rejection("unstorable", poison, partition, offset, bytes(value or b""))
+        if is_arrow(rec.headers):
+            return parse_arrow_batch(value, partition, offset, self.store.input_size,
+                                     self.num_classes, self.kafka.max_message_bytes)
         return parse_message(value, partition, offset, self.input_shape, self.num_classes,
                              self.kafka.max_message_bytes)
 
-    def _store(self, run: list[Sample]) -> None:
+    def _store(self, run: list[Sample | RowBatch]) -> None:
         if not run:
             return
-        if len(run) >= self.store.chunk_size - self.store.buffered:
+        rows = sum(len(x) if isinstance(x, RowBatch) else 1 for x in run)
+        if rows >= self.store.chunk_size - self.store.buffered:
             self._flush_dead_letters()  # the seal below covers their offsets
         before = len(self.store.chunks())
         try:
@@ -347,7 +382,7 @@ class Ingestor:
             if done:
                 self._after_seal(done)
             raise
-        self._counts["stored"] += len(run)
+        self._counts["stored"] += rows
         if sealed:
             self._after_seal(sealed)
 
@@ -399,7 +434,7 @@ class Ingestor:
         """
         if not exc.bad:
             raise exc
-        for sample, why in exc.bad:
+        for sample, why in exc.bad:  # a Sample, or a RowBatch (the whole message)
             log.error("partition %d offset %d (id %r) cannot be stored (%s): dead-lettering it",
                       sample.partition, sample.offset, sample.id, why)
             detail = f"the store cannot encode it: {why}"[:200]

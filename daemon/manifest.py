@@ -35,7 +35,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHUNK_SCHEMA_VERSION = 1
+CHUNK_SCHEMA_VERSION = 2  # 2: the `row` column (index of a row in an Arrow batch message)
 MANIFEST = "manifest.json"
 CHUNK_DIR = "chunks"
 LOCK = "lock"

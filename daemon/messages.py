@@ -51,13 +51,18 @@ class Sample:
 
 @dataclass(frozen=True)
 class Rejection:
-    """A message that cannot be a sample; ``reason`` is one of REJECT_REASONS."""
+    """A message (or one row of a batch message) that cannot be a sample.
+
+    ``reason`` is one of REJECT_REASONS; ``row`` is the row's index in an Arrow batch
+    message (None for a whole message).
+    """
 
     reason: str
     detail: str
     partition: int
     offset: int
     raw: bytes
+    row: int | None = None
 
 
 class _Reject(ValueError):

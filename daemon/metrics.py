@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics", "REJECT_REASONS", "UPDATE_OUTCOMES"]
+__all__ = ["JSON_REJECT_REASONS", "Metrics", "REJECT_REASONS", "UPDATE_OUTCOMES"]
 
-REJECT_REASONS = (
+JSON_REJECT_REASONS = (  # what a JSON sample message can be rejected for
     "invalid_json", "not_object", "missing_field", "bad_shape",
     "non_finite", "bad_label", "too_large", "bad_type", "unstorable",
 )
+# An Arrow batch message that is not an Arrow IPC stream is invalid_arrow; its rows
+# are rejected for the JSON reasons (missing_field, bad_shape, non_finite, ...).
+REJECT_REASONS = (*JSON_REJECT_REASONS, "invalid_arrow")
 UPDATE_OUTCOMES = ("success", "failed", "abandoned", "infra_error")
 
 _UPDATE_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
@@ -38,6 +41,12 @@ class Metrics:
         self.model_dense_parameters = Gauge(
             "gnp_model_dense_parameters",
             "Parameters of the served architecture if fully dense", registry=r)
+        self.model_served_parameters = Gauge(
+            "gnp_model_served_parameters", "Parameters the serving module holds (the compact "
+            "model's physical size with GNPD_SERVE__MODEL=compact)", registry=r)
+        self.model_served_latency = Gauge(
+            "gnp_model_served_latency_seconds", "Measured batch-1 forward time of the serving "
+            "module, at publish", registry=r)
         self.model_version = Gauge(
             "gnp_model_version", "Version of the served model (0 = none yet)", registry=r)
         self.model_swaps = Counter(
@@ -109,10 +118,13 @@ class Metrics:
         self.predict_duration = Histogram(
             "gnp_predict_duration_seconds", "Predict request latency",
             buckets=_PREDICT_BUCKETS, registry=r)
+        self.predict_batch_rows = Histogram(
+            "gnp_predict_batch_rows", "Instances per forward pass of the dynamic batcher",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096), registry=r)
         # Pre-create labelled children so every series exists from the first scrape.
         for reason in REJECT_REASONS:
             self.ingest_rejected.labels(reason=reason)
         for outcome in UPDATE_OUTCOMES:
             self.updates.labels(outcome=outcome)
-        for status in ("ok", "error"):
+        for status in ("ok", "error", "overloaded"):
             self.predict_requests.labels(status=status)

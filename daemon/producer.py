@@ -8,6 +8,12 @@ per training sample (see ``schemas/sample.schema.json``)::
 
 ``--file PATH.jsonl`` sends each non-blank line as it is -- including invalid
 ones, which is how to exercise the dead-letter topic by hand.
+
+``--format arrow --batch N`` sends the data set as Arrow batch messages instead: N
+samples per message as an Arrow IPC stream, with the header
+``content-type: application/vnd.apache.arrow.stream`` (``schemas/arrow-batch.md``).
+Keep a message under the broker's ``max.message.bytes`` (1 MB by default: N <= 300 for
+784 float32 features) and ``GNPD_KAFKA__MAX_MESSAGE_BYTES``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from typing import Any, TextIO
 import numpy as np
 
 __all__ = [
+    "ARROW_HEADERS",
     "add_produce_args",
+    "arrow_batches",
     "dataset_messages",
     "file_messages",
     "fsdd_messages",
@@ -89,6 +97,32 @@ def fsdd_messages(root: str | Path | None, split: str = "train", *, shuffle: boo
                "audio_pcm16": base64.b64encode(pcm).decode("ascii"), "timestamp": time.time()}
 
 
+ARROW_HEADERS = [("content-type", b"application/vnd.apache.arrow.stream")]
+
+
+def arrow_batches(name: str, split: str = "train", batch: int = 256, *, shuffle: bool = False,
+                  seed: int = 0, root: str | Path | None = None) -> Iterator[bytes]:
+    """Arrow batch messages of ``batch`` samples each for ``load_dataset(name)``'s ``split``.
+
+    Same ids as :func:`dataset_messages`; features float32 as loaded (pixels / 255).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if batch <= 0:
+        raise ValueError(f"batch must be > 0 samples, got {batch}")
+    from daemon.arrow_batch import encode_arrow_batch
+    from gnp.data import load_dataset
+
+    data = getattr(load_dataset(name, root=root), split)
+    x = data.x.reshape(len(data.x), -1).numpy().astype(np.float32, copy=False)
+    y = data.y.numpy()
+    order = np.random.default_rng(seed).permutation(len(y)) if shuffle else np.arange(len(y))
+    for start in range(0, len(order), batch):
+        idx = order[start:start + batch]
+        yield encode_arrow_batch(x[idx], y[idx], [f"{name}/{split}/{i}" for i in idx.tolist()],
+                                 np.full(len(idx), time.time()))
+
+
 def file_messages(path: str | Path) -> Iterator[bytes]:
     """The non-blank lines of a JSON-lines file, as raw bytes (not validated)."""
     with open(path, "rb") as f:
@@ -127,7 +161,8 @@ def produce(bootstrap: str, topic: str, messages: Iterable[Message], rate: float
             *, limit: int | None = None, progress: TextIO | None = None,
             producer: Any = None, sleep: Callable[[float], None] = time.sleep,
             clock: Callable[[], float] = time.monotonic,
-            client_config: dict[str, Any] | None = None) -> int:
+            client_config: dict[str, Any] | None = None,
+            headers: list[tuple[str, bytes]] | None = None) -> int:
     """Send messages to ``topic`` and wait until all are acknowledged.
 
     Args:
@@ -140,6 +175,7 @@ def produce(bootstrap: str, topic: str, messages: Iterable[Message], rate: float
         producer: a KafkaProducer-like object to use instead of creating one.
         client_config: extra KafkaProducer arguments, e.g. the security options of
             ``KafkaSettings.client_kwargs()`` (``bootstrap`` wins over theirs).
+        headers: Kafka headers of every message (e.g. :data:`ARROW_HEADERS`).
 
     Returns:
         Number of messages acknowledged by the broker.
@@ -158,7 +194,8 @@ def produce(bootstrap: str, topic: str, messages: Iterable[Message], rate: float
 
         config = {**(client_config or {}), "bootstrap_servers": bootstrap}
         producer = KafkaProducer(client_id="gnpd-producer", linger_ms=20,
-                                 batch_size=512 * 1024, acks=1, **config)
+                                 batch_size=512 * 1024, acks=1,
+                                 **{"max_request_size": 4 << 20, **config})
     failures: list[BaseException] = []
     meter = _Progress(progress)
     start, sent = clock(), 0
@@ -168,7 +205,8 @@ def produce(bootstrap: str, topic: str, messages: Iterable[Message], rate: float
                 delay = start + sent / rate - clock()
                 if delay > 0:
                     sleep(delay)
-            producer.send(topic, value=_encode(message)).add_errback(failures.append)
+            extra = {"headers": headers} if headers else {}
+            producer.send(topic, value=_encode(message), **extra).add_errback(failures.append)
             sent += 1
             meter.update(sent)
         producer.flush()
@@ -187,6 +225,11 @@ def add_produce_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     source.add_argument("--dataset", help="data set name for gnp.data.load_dataset, "
                         "e.g. fashion-mnist or digits")
     source.add_argument("--file", type=Path, help="JSON-lines file; each line is sent as is")
+    parser.add_argument("--format", choices=("json", "arrow"), default="json",
+                        help="json: one message per sample (default); arrow: Arrow batch "
+                             "messages of --batch samples (--dataset only)")
+    parser.add_argument("--batch", type=int, default=256,
+                        help="samples per Arrow batch message (default 256)")
     parser.add_argument("--split", choices=("train", "test"), default="train",
                         help="which part of the data set (default train)")
     parser.add_argument("--data-root", type=Path, default=None, help="data set directory")
@@ -217,15 +260,32 @@ def run_produce(args: argparse.Namespace) -> int:
         print("error: no broker: pass --bootstrap-servers or set GNPD_KAFKA__BOOTSTRAP_SERVERS",
               file=sys.stderr)
         return 2
-    if args.file is not None:
-        messages: Iterable[Message] = file_messages(args.file)
+    headers = None
+    if args.format == "arrow":
+        if args.file is not None:
+            print("error: --format arrow streams a --dataset; --file lines are sent as they "
+                  "are", file=sys.stderr)
+            return 2
+        if args.batch <= 0:
+            print(f"error: --batch must be > 0, got {args.batch}", file=sys.stderr)
+            return 2
+        if args.dataset == "fsdd":
+            print("error: --format arrow carries fixed-size features; FSDD speech samples "
+                  "are sent as JSON messages (leave --format out)", file=sys.stderr)
+            return 2
+        messages: Iterable[Message] = arrow_batches(
+            args.dataset, args.split, args.batch, shuffle=args.shuffle, seed=args.seed,
+            root=args.data_root)
+        headers = ARROW_HEADERS
+    elif args.file is not None:
+        messages = file_messages(args.file)
     else:
         messages = dataset_messages(args.dataset, args.split, shuffle=args.shuffle,
                                     seed=args.seed, root=args.data_root)
     try:
         sent = produce(bootstrap, args.topic or kafka.topic, messages, args.rate,
                        limit=args.limit, progress=None if args.quiet else sys.stderr,
-                       client_config=kafka.client_kwargs())
+                       client_config=kafka.client_kwargs(), headers=headers)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

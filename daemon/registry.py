@@ -193,6 +193,16 @@ class ModelRegistry:
         """A fresh, untrained model of the registry's architecture."""
         return self._build(self.model_name, self.input_shape, self.num_classes)
 
+    def build_for(self, tensors: dict[str, Any]) -> nn.Module:
+        """A fresh model that a checkpoint's tensors load into: with unit masks
+        (gnp.units) when the checkpoint has them (a cgap model), else as ``build()``."""
+        model = self.build()
+        if any(k.endswith(".unit_mask") for k in tensors):
+            from gnp.units import UnitMasks  # lazily, as the default builder
+
+            UnitMasks.attach(model)
+        return model
+
     def save(self, model: nn.Module, meta: ModelVersion) -> ModelVersion:
         """Write ``model`` as a new version; returns ``meta`` with version, sha and created set.
 
@@ -243,7 +253,7 @@ class ModelRegistry:
             raise CheckpointError(f"version {number}: weights file does not match its SHA-256")
         try:
             tensors = safetensors.torch.load(blob)
-            model = self.build()
+            model = self.build_for(tensors)
             model.load_state_dict(tensors, strict=True)
         except Exception as e:  # safetensors and torch raise several types
             raise CheckpointError(f"version {number}: cannot load weights: {e}") from e
@@ -359,6 +369,41 @@ class Transcription(NamedTuple):
 class _Published:
     model: nn.Module
     version: ModelVersion
+    info: dict[str, Any] = field(default_factory=dict)  # what ServedModel.info() reports
+
+
+def _probe(input_shape: tuple[int, ...], speech: bool) -> tuple[torch.Tensor, ...]:
+    """One batch-1 input: zeros of the input shape; for a speech model, 1 s of MFCC
+    frames (100 at a 10 ms hop) and its length."""
+    if speech:
+        return torch.zeros(1, 100, *input_shape), torch.tensor([100])
+    return (torch.zeros(1, *input_shape),)
+
+
+def _latency_seconds(model: nn.Module, inputs: tuple[torch.Tensor, ...], calls: int = 10,
+                     budget: float = 0.5, wait: float = 2.0) -> float | None:
+    """Median wall time of a batch-1 forward pass over ``inputs`` after 2 warm-up calls (at
+    most `calls`, stopping after `budget` seconds), measured in a thread; None if it takes
+    over `wait` seconds (a model that blocks never holds up a swap)."""
+    times: list[float] = []
+
+    def measure() -> None:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(calls + 2):
+                t0 = time.perf_counter()
+                model(*inputs)
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+                if time.perf_counter() - start > budget and times:
+                    break
+
+    worker = threading.Thread(target=measure, name="gnpd-latency", daemon=True)
+    worker.start()
+    worker.join(wait)
+    if worker.is_alive() or not times:
+        return None
+    return sorted(times)[len(times) // 2]
 
 
 class ServedModel:
@@ -368,14 +413,39 @@ class ServedModel:
     updater trains a deep copy). Concurrent :meth:`predict` calls are safe.
     """
 
-    def __init__(self, input_shape: Sequence[int]) -> None:
+    def __init__(self, input_shape: Sequence[int], variant: str = "recoverable") -> None:
+        if variant not in ("recoverable", "compact"):
+            raise ValueError(f"variant must be 'recoverable' or 'compact', got {variant!r}")
         self.input_shape = tuple(int(s) for s in input_shape)
+        self.variant = variant
         self._current: _Published | None = None
 
     def publish(self, model: nn.Module, version: ModelVersion) -> None:
-        """Serve ``model`` from now on; requests already running finish on the old one."""
+        """Serve ``model`` from now on; requests already running finish on the old one.
+
+        With the "compact" variant the served module is ``gnp.compact.compact_model(model)``:
+        a plain dense model with the inactive units sliced away (same outputs); the
+        recoverable model stays in the registry and keeps learning. Either way the batch-1
+        latency of the served module is measured here, before the swap.
+        """
         model.eval()
-        self._current = _Published(model, version)  # one reference assignment: atomic
+        if self.variant == "compact":
+            from gnp.compact import compact_model  # lazily: serving may run without gnp
+
+            model = compact_model(model)
+        from gnp.models import SPEECH_MODELS
+
+        probe = _probe(self.input_shape, version.model_name in SPEECH_MODELS)
+        info = {"variant": self.variant,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "latency_seconds_batch1": _latency_seconds(model, probe)}
+        self._current = _Published(model, version, info)  # one reference assignment: atomic
+
+    def info(self) -> dict[str, Any]:
+        """The served module's variant, parameter count (as held: a compact model's is its
+        physical size) and measured batch-1 latency; {} before the first publish."""
+        cur = self._current
+        return {} if cur is None else dict(cur.info)
 
     def current(self) -> tuple[nn.Module, ModelVersion] | None:
         """The published (model, version) pair, read once; None before the first publish."""

@@ -230,6 +230,10 @@ class ServeSettings(_Section):
 
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any free port)")
+    model: Literal["recoverable", "compact"] = Field(
+        "recoverable", description="recoverable: serve the model that keeps learning (full "
+                                   "width, masked); compact: serve its physical compaction "
+                                   "(inactive units sliced away, plain dense layers)")
     max_body_bytes: int = Field(
         16 * 2**20, gt=0,
         description="largest POST /v1/predict body; larger ones get 413 without being read "
@@ -240,8 +244,25 @@ class ServeSettings(_Section):
                     "(Authorization: Bearer ...); unset = the API is open. From a Secret")
     predict_workers: int = Field(
         2, ge=1, le=64,
-        description="threads that parse and run predict requests; at most twice as many "
-                    "requests hold a body in memory, the others wait (health checks never do)")
+        description="threads that parse large predict bodies (over 256 KiB); at most twice "
+                    "as many large bodies are held in memory, the others wait")
+    batch_max_rows: int = Field(
+        64, ge=1, le=4096,
+        description="dynamic batching: most instances in one forward pass; concurrent "
+                    "predict requests are joined up to it (a bigger request runs alone)")
+    batch_wait_ms: float = Field(
+        1.5, ge=0.0, le=100.0,
+        description="dynamic batching: longest wait for more requests to join a forward "
+                    "pass, once one is waiting (0 = run at once with whatever is queued)")
+    max_queued_requests: int = Field(
+        256, ge=1,
+        description="predict requests waiting for the model at most; beyond it the answer "
+                    "is 503 with Retry-After at once (health checks are never queued)")
+    torch_threads: int = Field(
+        1, ge=0, le=256,
+        description="torch intra-op threads of the daemon process (the serving forward "
+                    "pass); 0 = torch's default (every core). 1 leaves the other cores to "
+                    "HTTP, ingestion and the training child")
 
 
     @field_validator("api_token", mode="before")
@@ -264,6 +285,10 @@ class TrainSettings(_Section):
 
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where updates train; auto = cuda when available")
+    method: Literal["ours", "cgap"] = Field(
+        "ours", description="ours: connection grow-and-prune (unstructured masks); cgap: "
+                            "whole-unit grow-and-prune (neurons, filters), a physically "
+                            "smaller model")
     schedule: Literal["paper", "quick"] = Field(
         "paper", description="paper: 15/20/60 epochs; quick: 3/4/12 (demos, small CPUs)")
     stop_timeout_seconds: float = Field(
@@ -289,6 +314,10 @@ class TrainSettings(_Section):
     augment: bool = Field(
         False, description="random affine distortions of image samples while training (off: "
                            "measured worse on Fashion-MNIST; the paper used them for MNIST)")
+    torch_threads: int = Field(
+        0, ge=0, le=256,
+        description="torch intra-op threads of the training child; 0 = torch's default "
+                    "(every core). Lower it to leave cores to serving and ingestion")
     child_memory_bytes: int = Field(
         0, ge=0, description="private memory the training child may allocate beyond its "
                              "start-up (Linux RLIMIT_DATA; the memory-mapped store does not "

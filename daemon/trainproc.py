@@ -58,11 +58,13 @@ class Job:
     reference_versions: tuple[int, ...]  # evaluated on the validation set for the gate
     out_dir: str
     schedule: Any = "paper"  # "paper", "quick" or a gnp.Schedule as a dict
+    method: str = "ours"  # gnp.update's method ("ours" or "cgap")
     device: str = "auto"
     replay_memory_bytes: int = 2 * 2**30
     augment: bool = False  # the task's random distortions on training batches
     memory_limit_bytes: int = 0  # 0: no limit
     parent_pid: int = 0
+    torch_threads: int = 0  # torch intra-op threads; 0: torch's default (every core)
     update_fn: str = "gnp:update"
     evaluate_fn: str = "gnp:evaluate"
 
@@ -262,7 +264,7 @@ def _train(job: Job, data: Any, stop: _Stop) -> tuple[dict[str, Any], Any]:
     schedule = _schedule(job.schedule)
     schedule = dataclasses.replace(schedule, train=dataclasses.replace(
         schedule.train, resident_bytes=job.replay_memory_bytes, augment=job.augment))
-    res = update("ours", base, new=new, all=replay, val=val, schedule=schedule,
+    res = update(job.method, base, new=new, all=replay, val=val, schedule=schedule,
                  build=registry.build, device=job.device, progress=_progress_logger(),
                  should_stop=stop)
     evaluate = _resolve(job.evaluate_fn)
@@ -325,6 +327,10 @@ def _run(job: Job, stop: _Stop) -> dict[str, Any]:
     if problem:
         return {"outcome": "infra_error", "reason": problem}
     _limit_memory(job.memory_limit_bytes)
+    if job.torch_threads:
+        import torch
+
+        torch.set_num_threads(job.torch_threads)
     result: dict[str, Any] = {"outcome": "infra_error", "reason": "", "pid": os.getpid()}
     during = "reading the store"
     try:

@@ -61,6 +61,7 @@ class UpdatePolicy:
 
     device: str = "auto"
     schedule: Any = "paper"
+    method: str = "ours"  # gnp.update's method: "ours" or "cgap"
     min_accuracy: float = 0.0
     max_accuracy_drop: float = 0.03
     gate_versions: int = 5
@@ -69,6 +70,7 @@ class UpdatePolicy:
     timeout: float = 6 * 3600.0
     replay_memory_bytes: int = 2 * 2**30
     child_memory_bytes: int = 0
+    torch_threads: int = 0
     keep_versions: int = 20
     augment: bool = False
     update_fn: str = "gnp:update"
@@ -78,13 +80,14 @@ class UpdatePolicy:
     def from_settings(cls, settings: Any) -> UpdatePolicy:
         """The policy of ``settings.train``."""
         t = settings.train
-        return cls(device=str(t.device), schedule=t.schedule,
+        return cls(device=str(t.device), schedule=t.schedule, method=str(t.method),
                    min_accuracy=float(t.min_accuracy),
                    max_accuracy_drop=float(t.max_accuracy_drop),
                    gate_versions=int(t.gate_versions), stop_timeout=float(t.stop_timeout_seconds), max_attempts=t.max_attempts,
                    timeout=float(t.update_timeout_seconds),
                    replay_memory_bytes=int(t.replay_memory_bytes),
                    child_memory_bytes=int(t.child_memory_bytes),
+                   torch_threads=int(t.torch_threads),
                    keep_versions=int(settings.model.keep_versions), augment=bool(t.augment))
 
 
@@ -300,9 +303,11 @@ class UpdateWorker:
             num_classes=self.registry.num_classes,
             base_version=head.version if head is not None else None,
             reference_versions=tuple(refs), out_dir=str(out),
-            schedule=schedule_to_json(self.policy.schedule), device=self.policy.device,
+            schedule=schedule_to_json(self.policy.schedule), method=self.policy.method,
+            device=self.policy.device,
             replay_memory_bytes=self.policy.replay_memory_bytes, augment=self.policy.augment,
             memory_limit_bytes=self.policy.child_memory_bytes, parent_pid=os.getpid(),
+            torch_threads=self.policy.torch_threads,
             update_fn=self.policy.update_fn, evaluate_fn=self.policy.evaluate_fn)
 
     def _verdict(self, run: ChildRun, ids: tuple[str, ...]) -> _Attempt:
@@ -319,7 +324,7 @@ class UpdateWorker:
         result = attempt.result
         try:
             tensors = safetensors.torch.load_file(str(out / result["candidate"]))
-            model = self.registry.build()
+            model = self.registry.build_for(tensors)
             model.load_state_dict(tensors, strict=True)
         except Exception as e:  # noqa: BLE001 - a candidate that does not load is not the data's fault
             return _Attempt("infra_error", attempt.chunk_ids,

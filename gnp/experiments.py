@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gnp.compact import compact_model, count_macs, save_dense
 from gnp.data import (DATASETS, Data, fashion_mnist_available, idx_files_available,
                       incremental_split, load_dataset)
 from gnp.export import save_compact
@@ -78,6 +79,10 @@ class Row:
     seen_error_pct: float | None = None  # --split speakers: on the speakers seen so far
     unseen_error_pct: float | None = None  # ... and on the others (None after the last)
     speakers: str | None = None  # ... the speakers seen so far
+    macs: int | None = None  # multiply-accumulates per sample, active weights only
+    physical_params: int | None = None  # gnp.compact: inactive units sliced away, plain dense
+    physical_macs: int | None = None  # its dense multiply-accumulates per sample
+    physical_bytes: int | None = None  # its safetensors file
 
 
 def _task(ds) -> Task:
@@ -94,6 +99,8 @@ def _row(seed: int, k: int, chunks: int, method: str, r: UpdateResult, test: Dat
         compact = {"compact_params": r.compact_params.active,
                    "compact_test_error_pct": 100.0 * (1.0 - evaluate(r.compact, test, device, task)),
                    **_file_sizes(r.compact)}
+    if task.name == CLASSIFICATION.name:  # a sequence model's cost depends on the length
+        compact.update(_physical(r.model))
     return Row(seed, k, k / chunks, method, 100.0 * (1.0 - evaluate(r.model, test, device, task)),
                r.val_accuracy, r.params.active, r.params.dense, r.cost.epochs,
                r.cost.sample_passes, r.cost.wall_seconds, r.cost.device, r.prune.iterations,
@@ -101,6 +108,27 @@ def _row(seed: int, k: int, chunks: int, method: str, r: UpdateResult, test: Dat
                prune_passes / n_all, r.peak_lr,
                len(g), g[0].density_before if g else None, g[-1].density_after if g else None,
                max(s.density_after for s in g) if g else None, **compact)
+
+
+def _physical(model: torch.nn.Module) -> dict[str, int]:
+    """Size and cost of the served model and of its physical compaction (gnp.compact)."""
+    shape = tuple(model.spec.input_shape)
+    small = compact_model(model)
+    with tempfile.TemporaryDirectory() as d:
+        size = save_dense(small, Path(d) / "physical.safetensors")
+    return {"macs": count_macs(model, shape),
+            "physical_params": sum(p.numel() for p in small.parameters()),
+            "physical_macs": count_macs(small, shape), "physical_bytes": size}
+
+
+def _save_models(folder: Path, method: str, r: UpdateResult) -> None:
+    """The latest update's served model (and non-recoverable export) as safetensors."""
+    import safetensors.torch
+    folder.mkdir(parents=True, exist_ok=True)
+    for tag, model in ((method, r.model), (method + "-nonrecoverable", r.compact)):
+        if model is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            safetensors.torch.save_file(state, str(folder / f"{tag}.safetensors"))
 
 
 def _file_sizes(model: torch.nn.Module) -> dict[str, int]:
@@ -122,6 +150,10 @@ def schedule_of(args: argparse.Namespace) -> Schedule:
     s = replace(s, train=replace(s.train, augment=augment))
     if args.incremental_lr is not None:
         s = replace(s, incremental_lr=args.incremental_lr or None)
+    if args.unit_seed is not None:
+        s = replace(s, unit_seed=args.unit_seed)
+    if args.unit_growth is not None:
+        s = replace(s, unit_growth=args.unit_growth)
     return s
 
 
@@ -153,7 +185,7 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
             for method in methods:
                 def progress(phase: str, step: int, total: int) -> None:
                     bar.set_description(f"seed {seed} chunk {k}/{len(chunks)} {method} {phase} {step}/{total}")
-                sched = schedule.with_nonrecoverable() if (args.compact and method == "ours") else schedule
+                sched = schedule.with_nonrecoverable() if (args.compact and method in ("ours", "cgap")) else schedule
                 pre = {}
                 r = update(method, carry[method], new=new, all=all_data, val=val,
                            schedule=sched, build=build, device=device,
@@ -168,6 +200,8 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
                 log(f"seed {seed} chunk {k} {method}: error {row.test_error_pct:.2f}% "
                     f"params {row.active_params} epochs {row.epochs:.2f} "
                     f"(prune {row.prune_iterations} it, {row.prune_stopped_by}; {row.wall_seconds:.0f}s)")
+                if args.save_models:
+                    _save_models(out / "models", method, r)
                 _write_json(out, args, rows)  # after every update: a crash loses at most one
     bar.close()
     return rows
@@ -232,11 +266,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="reduced schedule (minutes on a CPU)")
     p.add_argument("--compact", action="store_true",
-                   help="also export ours' non-recoverable compact model: its size, error and bytes")
+                   help="also export ours' and cgap's non-recoverable compact model: its size, error and bytes")
     p.add_argument("--augment", default="auto", choices=["auto", "on", "off"],
                    help="affine distortions; auto = the per-data-set choice (AUGMENT_DEFAULT)")
     p.add_argument("--incremental-lr", type=float, default=None,
                    help="peak lr when updating a trained model, ours and nft (0: the training lr)")
+    p.add_argument("--unit-seed", type=float, default=None,
+                   help="cgap: share of each layer's units in the seed (default Schedule.unit_seed)")
+    p.add_argument("--unit-growth", type=float, default=None,
+                   help="cgap: a growth step adds this x a layer's active units")
+    p.add_argument("--save-models", action="store_true",
+                   help="write each method's latest served model to OUT/models/ (safetensors)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds (default 0)")
     p.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")

@@ -6,6 +6,10 @@
 - tfs:  train a dense model from scratch on all data, then prune.
 - nft:  keep a dense model across chunks, fine-tune it on all data, prune a copy.
 - nest: grow-and-prune from a sparse seed on all data.
+- cgap: the structured counterpart of ours (gnp.units): the first model grows whole
+  units from a seed of `unit_seed` of each layer's units on all data; each update
+  grows units on the new chunk, then on all data, then prunes whole units with the
+  same recoverable rules and paired check (iterative_prune with unit_prune_step).
 
 Every method is a list of phases run by one `Trainer`: one optimiser and one cosine
 schedule per update, sized from the training steps of all its phases. Updating an
@@ -32,6 +36,7 @@ from gnp.masks import Masks, ParamCount, count_parameters
 from gnp.prune import PruneConfig, PruneReport, iterative_prune
 from gnp.tasks import CLASSIFICATION, Task
 from gnp.train import Progress, TrainConfig, Trainer, resolve_device
+from gnp.units import UnitMasks, grow_units, propose_candidates, seed_units, unit_prune_step
 
 __all__ = ["Phase", "Schedule", "UpdateResult", "METHODS", "update", "sparse_seed", "derive_seed"]
 
@@ -50,6 +55,8 @@ class Schedule:
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     nonrecoverable: PruneConfig | None = None  # set to also export an ultra-compact model
+    unit_seed: float = 0.25  # cgap: share of each layer's units active at start
+    unit_growth: float = 0.5  # cgap: a growth step adds this x a layer's active units
 
     @classmethod
     def quick(cls) -> "Schedule":
@@ -125,15 +132,29 @@ def sparse_seed(masks: Masks, density: float, gen: torch.Generator) -> None:
     masks.apply()
 
 
+def _grow_units(t: Trainer, units: UnitMasks, data: Samples, s: Schedule,
+                phase: str) -> GrowthStep:
+    """One unit growth step: candidates in, one gradient epoch, the best units grown."""
+    before = t.masks.density()
+    propose_candidates(units, t.cpu_gen)
+    grads = t.mean_gradients(data)
+    step = grow_units(units, t.masks, grads, s.unit_growth, t.lr, phase)
+    return GrowthStep(phase, sum(step.grown.values()), before, t.masks.density(), t.lr)
+
+
 def _run_phases(t: Trainer, phases: list[Phase], data: dict[str, Samples], s: Schedule,
-                peak: float, progress: Progress | None) -> list[GrowthStep]:
-    """Run `phases` under one cosine schedule over all their training steps."""
+                peak: float, progress: Progress | None,
+                units: UnitMasks | None = None) -> list[GrowthStep]:
+    """Run `phases` under one cosine schedule over all their training steps (growing
+    whole units when `units` is given, connections otherwise)."""
     t.plan(sum(p.training_epochs * t.steps(len(data[p.data])) for p in phases), peak)
     growth = []
     for p in phases:
         t.meter.phase = p.name
         for epoch in range(p.epochs):
-            if p.grows(epoch):
+            if p.grows(epoch) and units is not None:
+                growth.append(_grow_units(t, units, data[p.data], s, p.name))
+            elif p.grows(epoch):
                 grads = t.mean_gradients(data[p.data])
                 growth.append(grow_by_gradient(t.masks, grads, s.alpha, t.lr, p.name))
             else:
@@ -161,6 +182,7 @@ class _Method:
     fresh: bool  # a new model every update (from scratch)
     seeded: bool  # starts from NeST's sparse seed when fresh
     dense_carry: bool = False  # the unpruned model carries on (nft)
+    structured: bool = False  # grows and prunes whole units (cgap)
 
 
 METHODS: dict[str, _Method] = {
@@ -172,6 +194,7 @@ METHODS: dict[str, _Method] = {
                    lambda s: [Phase("finetune-all", "all", s.baseline_epochs)],
                    fresh=False, seeded=False, dense_carry=True),
     "nest": _Method(_nest_phases, _nest_phases, fresh=True, seeded=True),
+    "cgap": _Method(_nest_phases, _ours_phases, fresh=False, seeded=True, structured=True),
 }
 
 
@@ -208,17 +231,23 @@ def update(method: str, model: nn.Module | None, *, new: Samples, all: Samples,
     # One memory budget: validation (read most often per sample) first, then replay.
     placed = place_all({"val": val, "all": all, "new": new}, dev, s.train.resident_bytes)
     data, val_d = {"new": placed["new"], "all": placed["all"]}, placed["val"]
+    units = UnitMasks.attach(t.model) if m.structured else None
     if fresh and m.seeded:
-        sparse_seed(t.masks, s.seed_density, torch.Generator().manual_seed(derive_seed(seed, "sparse")))
+        gen = torch.Generator().manual_seed(derive_seed(seed, "sparse"))
+        if units is not None:
+            seed_units(units, t.masks, s.unit_seed, gen)
+        else:
+            sparse_seed(t.masks, s.seed_density, gen)
     peak = s.train.lr if fresh or s.incremental_lr is None else s.incremental_lr
-    growth = _run_phases(t, (m.first if first else m.later)(s), data, s, peak, progress)
+    growth = _run_phases(t, (m.first if first else m.later)(s), data, s, peak, progress, units)
     carry = copy.deepcopy(t.model).cpu() if m.dense_carry else None
     pre_prune = t.evaluate(val_d)
     if observe is not None:
         observe("pre-prune", t.model)
-    report = _prune(t, data["all"], val_d, s.prune, s.train.lr, "prune", progress)
+    step = None if units is None else (lambda beta: unit_prune_step(units, t.masks, beta, t.opt))
+    report = _prune(t, data["all"], val_d, s.prune, s.train.lr, "prune", progress, step)
     cost = meter.finish(len(all))
-    compact = _export(t, data["all"], val_d, s, progress) if s.nonrecoverable else None
+    compact = _export(t, data["all"], val_d, s, progress, units is not None) if s.nonrecoverable else None
     served = t.model.cpu().eval()
     return UpdateResult(
         served, carry if m.dense_carry else (None if m.fresh else served),
@@ -228,23 +257,27 @@ def update(method: str, model: nn.Module | None, *, new: Samples, all: Samples,
 
 
 def _prune(t: Trainer, data: Samples, val: Samples, cfg: PruneConfig, base_lr: float,
-           phase: str, progress: Progress | None) -> PruneReport:
+           phase: str, progress: Progress | None,
+           step: Callable[[float], int] | None = None) -> PruneReport:
     t.meter.phase = phase
     if progress:
         progress(phase, 0, 1)
-    report = iterative_prune(t, data, val, cfg, base_lr)
+    report = iterative_prune(t, data, val, cfg, base_lr, step=step)
     if progress:
         progress(phase, 1, 1)
     return report
 
 
 def _export(t: Trainer, data: Samples, val: Samples, s: Schedule,
-            progress: Progress | None) -> tuple[nn.Module, ParamCount, float]:
-    """The non-recoverable export: a copy pruned on, with its own trainer and cost meter."""
+            progress: Progress | None, structured: bool = False) -> tuple[nn.Module, ParamCount, float]:
+    """The non-recoverable export: a copy pruned on, with its own trainer and cost meter
+    (whole units for cgap: within the tolerance, past the paired no-loss check)."""
     tc = Trainer(copy.deepcopy(t.model), t.device, s.train, CostMeter(str(t.device)), t.task,
                  should_stop=t.should_stop)
     tc.gen = t.gen  # continue the same shuffle stream
-    report = _prune(tc, data, val, s.nonrecoverable, s.train.lr, "prune-compact", progress)
+    units = UnitMasks(tc.model) if structured else None
+    step = None if units is None else (lambda beta: unit_prune_step(units, tc.masks, beta, tc.opt))
+    report = _prune(tc, data, val, s.nonrecoverable, s.train.lr, "prune-compact", progress, step)
     return tc.model.cpu().eval(), count_parameters(tc.model), report.final_accuracy
 
 

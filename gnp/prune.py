@@ -227,13 +227,16 @@ def _verdict(t: Trainer, val: Samples, trail: list[_Snapshot], checks: _Checks) 
 
 
 def iterative_prune(t: Trainer, train: Samples, val: Samples, cfg: PruneConfig,
-                    base_lr: float, on_step: Callable[[PruneStep], None] | None = None) -> PruneReport:
+                    base_lr: float, on_step: Callable[[PruneStep], None] | None = None,
+                    step: Callable[[float], int] | None = None) -> PruneReport:
     """Prune `beta` percent per iteration with retraining, until a step cannot recover; then
     serve the sparsest snapshot that passes on the held-out validation samples.
 
     The reference is the model as it is now; retraining runs at the constant rate
     `cfg.retrain_lr_factor` x `base_lr` (the training config's lr: the same rate for
     every method, whatever the peak of its update's schedule).
+    `step(beta)` prunes once and returns the number of weights removed (default: the
+    connection `prune_step`; `gnp.units.unit_prune_step` prunes whole units instead).
     """
     masks = t.masks
     ref, weights = t.scores(val)
@@ -245,7 +248,8 @@ def iterative_prune(t: Trainer, train: Samples, val: Samples, cfg: PruneConfig,
     trail = [_snapshot(t, 0)]
     for i in range(1, cfg.max_iterations + 1):
         snap = t.snapshot()
-        if prune_step(masks, beta, cfg.recoverable) == 0:
+        removed = step(beta) if step is not None else prune_step(masks, beta, cfg.recoverable)
+        if removed == 0:
             stopped = "no_progress"
             break
         masks.mask_state(t.opt)

@@ -161,6 +161,26 @@ def _compact_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _physical_table(rows: list[dict]) -> str:
+    """FLOPs and the physical compaction (gnp.compact) of each served model."""
+    chunks, methods = _order(rows)
+    agg = aggregate(rows)
+    head = ["data", "method", "err %", "active params", "MACs/sample (active)",
+            "compact model params", "compact MACs/sample", "compact file (bytes)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in chunks:
+        for m in methods:
+            c = agg.get((k, m))
+            if not c or "physical_params" not in c:
+                continue
+            lines.append("| " + " | ".join([
+                f"{c['data_fraction']:.0%}", m, _fmt(c, "test_error_pct", ".2f"),
+                _fmt(c, "active_params", ",.0f"), _fmt(c, "macs", ",.0f"),
+                _fmt(c, "physical_params", ",.0f"), _fmt(c, "physical_macs", ",.0f"),
+                _fmt(c, "physical_bytes", ",.0f")]) + " |")
+    return "\n".join(lines)
+
+
 def _plot(rows: list[dict], path: Path, metric: str = "error") -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -238,6 +258,12 @@ def write_report(out: Path, rows: list[Any] | None = None, note: str = "") -> No
                "recoverable conditions, within 0.5 pp of its validation accuracy (plus the paired "
                "noise allowance); stored compactly (packed mask bits + active values, "
                "`gnp.export`).", "", _compact_table(rows), ""]
+    if any(r.get("physical_params") for r in rows):
+        md += ["## FLOPs and physical size", "", "Multiply-accumulates per sample over the "
+               "served model's active weights (what sparse hardware would pay), and the plain "
+               "dense model `gnp.compact` slices out of it (inactive units removed; what ordinary "
+               "dense kernels pay): its parameters, MACs and safetensors file.", "",
+               _physical_table(rows), ""]
     (out / "results.md").write_text("\n".join(md))
     _plot(rows, out / "results.png", metric)
 

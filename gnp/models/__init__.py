@@ -16,12 +16,13 @@ from torch import nn
 from gnp.masks import Masks
 from gnp.models.init import LEAKY_SLOPE, init_parameters
 from gnp.models.lenet import LeNet5, LeNet5Caffe, LeNet300100
+from gnp.models.resnet import ResNet18
 from gnp.models.spec import ModelSpec
 from gnp.models.speech import DeepSpeech2, SpeechConfig, deepspeech2_hlstm, deepspeech2_hlstm_tiny
 
 __all__ = ["ModelSpec", "MODELS", "build_model", "register", "init_parameters",
-           "LeNet300100", "LeNet5", "LeNet5Caffe", "LEAKY_SLOPE", "DeepSpeech2", "SpeechConfig",
-           "SPEECH_MODELS"]
+           "LeNet300100", "LeNet5", "LeNet5Caffe", "ResNet18", "LEAKY_SLOPE", "DeepSpeech2",
+           "SpeechConfig", "SPEECH_MODELS"]
 
 Builder = Callable[[ModelSpec], nn.Module]
 
@@ -29,6 +30,7 @@ MODELS: dict[str, Builder] = {
     "lenet-300-100": LeNet300100,
     "lenet-5": LeNet5,
     "lenet-5-caffe": LeNet5Caffe,
+    "resnet-18": ResNet18,
     "deepspeech2-hlstm": deepspeech2_hlstm,  # input_shape (n_mfcc,), num_classes = CTC symbols
     "deepspeech2-hlstm-tiny": deepspeech2_hlstm_tiny,
 }

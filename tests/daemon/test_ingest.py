@@ -19,7 +19,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from daemon.broker import EmbeddedBroker
 from daemon.ingest import Ingestor
-from daemon.metrics import REJECT_REASONS, Metrics
+from daemon.metrics import JSON_REJECT_REASONS, Metrics
 from daemon.settings import KafkaSettings
 from daemon.store import ChunkInfo, ChunkStore
 
@@ -131,7 +131,7 @@ def test_good_stored_bad_dead_lettered(kafka_bootstrap: str, make_topic, tmp_pat
 
     dead = read_all(kafka_bootstrap, kafka.effective_dlq_topic, len(BAD))
     by_reason = {dict(r.headers)["reason"].decode(): r for r in dead}
-    assert set(by_reason) == set(REJECT_REASONS) and len(dead) == len(BAD)
+    assert set(by_reason) == set(JSON_REJECT_REASONS) and len(dead) == len(BAD)
     for reason, record in by_reason.items():
         headers = dict(record.headers)
         assert headers["detail"] and headers["source_topic"] == topic.encode()
@@ -144,7 +144,7 @@ def test_good_stored_bad_dead_lettered(kafka_bootstrap: str, make_topic, tmp_pat
 
     value = metrics.registry.get_sample_value
     assert value("gnp_ingest_samples_total") == 20
-    for reason in REJECT_REASONS:
+    for reason in JSON_REJECT_REASONS:
         assert value("gnp_ingest_rejected_total", {"reason": reason}) == 1
     assert value("gnp_store_chunks") == 4
     for p in ("0", "1"):

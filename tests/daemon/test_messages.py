@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from daemon.messages import Rejection, Sample, parse_message
-from daemon.metrics import REJECT_REASONS
+from daemon.metrics import JSON_REJECT_REASONS, REJECT_REASONS
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 SHAPE = (1, 2, 3)
@@ -177,7 +177,7 @@ def test_every_reason_is_covered() -> None:
             reason(msg(features=[0, 0, 0, 0, 0, float("nan")])), reason(msg(label=9)),
             reason(b"x" * 20_000), reason(msg(label="x")),
             reason('{"id": "\\ud800", "features": [0, 0, 0, 0, 0, 0], "label": 1}')}
-    assert seen == set(REJECT_REASONS)
+    assert seen == set(JSON_REJECT_REASONS)
 
 
 def test_rejection_keeps_raw_bytes() -> None:

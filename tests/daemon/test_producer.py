@@ -210,3 +210,45 @@ def test_produce_rate_is_respected(kafka_bootstrap: str, topic: str) -> None:
     n = produce(kafka_bootstrap, topic, ({"i": i} for i in range(21)), rate=20)
     elapsed = time.monotonic() - t0
     assert n == 21 and 0.95 <= elapsed < 5, elapsed  # 20 intervals of 1/20 s
+
+
+@pytest.mark.integration
+def test_cli_arrow_batches_to_real_broker(kafka_bootstrap: str, topic: str,
+                                          fake_gnp_data) -> None:
+    from daemon.arrow_batch import is_arrow, parse_arrow_batch
+
+    code = produce_main(["--dataset", "toy", "--format", "arrow", "--batch", "2",
+                         "--bootstrap-servers", kafka_bootstrap, "--topic", topic, "--quiet"])
+    assert code == 0
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        got: list = []
+        for _ in range(50):
+            for batch in consumer.poll(timeout_ms=200).values():
+                got.extend(batch)
+            if len(got) >= 2:
+                break
+    finally:
+        consumer.close()
+    assert len(got) == 2 and all(is_arrow(r.headers) for r in got)  # 3 samples in 2 + 1
+    batches = sorted((parse_arrow_batch(r.value, 0, r.offset, 4, 3)[0] for r in got),
+                     key=lambda b: b.ids[0].as_py())  # partitions may interleave them
+    assert [b.ids.to_pylist() for b in batches] == [["toy/train/0", "toy/train/1"],
+                                                     ["toy/train/2"]]
+    assert [b.labels.tolist() for b in batches] == [[2, 0], [1]]
+    assert batches[0].features[0].tolist() == pytest.approx([0.0, 1 / 3, 0.5, 1.0])
+
+
+def test_cli_arrow_needs_a_dataset(capsys) -> None:
+    assert produce_main(["--file", str(SCHEMAS / "examples.jsonl"), "--format", "arrow",
+                         "--bootstrap-servers", "127.0.0.1:1"]) == 2
+    assert "--format arrow" in capsys.readouterr().err
+
+
+def test_cli_arrow_refuses_speech_samples(capsys) -> None:
+    assert produce_main(["--dataset", "fsdd", "--format", "arrow",
+                         "--bootstrap-servers", "127.0.0.1:1"]) == 2
+    assert "JSON messages" in capsys.readouterr().err

@@ -232,3 +232,14 @@ def test_a_failed_save_leaves_no_temp_file_and_no_version(tmp_path):
                            repo], capture_output=True, text=True, timeout=120)
     assert proc.stdout.startswith("OSError 27"), proc.stdout + proc.stderr  # EFBIG
     assert list((tmp_path / "m").iterdir()) == []
+
+
+def test_a_cgap_model_with_unit_masks_round_trips(tmp_path):
+    from gnp.units import UnitMasks, seed_units
+    reg = _registry(tmp_path)
+    model = reg.build()
+    seed_units(UnitMasks.attach(model), gnp.Masks(model), 0.3, torch.Generator().manual_seed(0))
+    reg.save(model, _meta())
+    loaded, _ = reg.latest()
+    _assert_same_state(model, loaded)
+    assert UnitMasks(loaded).counts() == UnitMasks(model).counts()

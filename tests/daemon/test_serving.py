@@ -387,3 +387,38 @@ def test_liveness_answers_while_predict_load_fills_every_thread(server):
         for c in clients:
             c.close()
     assert codes == [200] * 50
+
+
+def test_serving_the_compact_model_answers_like_the_recoverable_one_and_reports_both_sizes():
+    """GNPD_SERVE__MODEL=compact: a cgap model's inactive units are sliced away for serving;
+    predictions match the recoverable model's; /v1/model and the metrics give the served
+    module's size and measured latency beside the recoverable model's parameters."""
+    from daemon.control import record_served
+    from gnp.units import UnitMasks, seed_units
+    model = gnp.build_model("lenet-300-100", SHAPE, 10)
+    seed_units(UnitMasks.attach(model), gnp.Masks(model), 0.2, torch.Generator().manual_seed(0))
+    served, metrics = ServedModel(SHAPE, "compact"), Metrics()
+    version = _version(1)
+    served.publish(model, version)
+    record_served(metrics, version, served.info())
+    info = served.info()
+    assert info["variant"] == "compact" and info["parameters"] == sum(
+        p.numel() for p in served.current()[0].parameters())
+    assert info["parameters"] < 0.3 * sum(p.numel() for p in model.parameters())
+    assert 0 < info["latency_seconds_batch1"] < 1.0
+    x = np.random.default_rng(1).random((6, 64), dtype=np.float32)
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(torch.from_numpy(x).reshape(6, *SHAPE)), 1)
+    np.testing.assert_allclose(served.predict(x).probabilities, expected.numpy(), atol=1e-6)
+    assert _metric(metrics, "gnp_model_served_parameters") == info["parameters"]
+    assert _metric(metrics, "gnp_model_parameters") == version.active_params
+    srv = HttpServer(create_app(served, metrics, lambda: [version]), "127.0.0.1", 0)
+    srv.start()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=10) as client:
+            body = client.get("/v1/model").json()
+        assert body["serving"] == info and body["active_parameters"] == version.active_params
+    finally:
+        srv.stop()
+    with pytest.raises(ValueError, match="variant"):
+        ServedModel(SHAPE, "tiny")

@@ -146,3 +146,13 @@ def test_legal_topic_names() -> None:
     s = Settings(kafka={"topic": "a.b_c-D9", "dlq_topic": "a.b_c-D9-rejects"})
     assert s.kafka.effective_dlq_topic == "a.b_c-D9-rejects"
     assert Settings(kafka={"topic": "t" * 245}).kafka.effective_dlq_topic == "t" * 245 + ".dlq"
+
+
+def test_train_method_from_env_reaches_the_update_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.updater import UpdatePolicy
+    assert UpdatePolicy.from_settings(Settings()).method == "ours"
+    monkeypatch.setenv("GNPD_TRAIN__METHOD", "cgap")
+    assert UpdatePolicy.from_settings(Settings()).method == "cgap"
+    monkeypatch.setenv("GNPD_TRAIN__METHOD", "tfs")
+    with pytest.raises(Exception, match="method"):
+        Settings()

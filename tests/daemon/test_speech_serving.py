@@ -75,3 +75,40 @@ def test_served_speech_model_exports_its_wer_and_classifiers_nan():
     assert metrics.registry.get_sample_value("gnp_model_accuracy") == pytest.approx(0.93)
     record_served(metrics, dataclasses.replace(_version(3), model_name="lenet-300-100"))
     assert math.isnan(metrics.registry.get_sample_value("gnp_model_wer_ratio"))
+
+
+def test_publishing_a_speech_model_measures_its_batch1_latency():
+    served = ServedModel((20,))
+    served.publish(build_model("deepspeech2-hlstm-tiny", (20,), NUM_SYMBOLS), _version(1))
+    info = served.info()
+    assert info["variant"] == "recoverable" and info["parameters"] > 0
+    assert info["latency_seconds_batch1"] is not None and info["latency_seconds_batch1"] > 0
+
+
+def test_speech_predict_runs_off_the_event_loop_under_the_body_limit_and_is_counted():
+    import threading
+
+    from daemon.settings import ServeSettings
+
+    served, metrics = ServedModel((20,)), Metrics()
+    served.publish(build_model("deepspeech2-hlstm-tiny", (20,), NUM_SYMBOLS), _version(4))
+    threads = []
+    transcribe = served.transcribe
+
+    def recording(audios, rate):
+        threads.append(threading.current_thread().name)
+        return transcribe(audios, rate)
+
+    served.transcribe = recording
+    app = create_app(served, metrics, serve=ServeSettings(max_body_bytes=20_000))
+    with HttpServer(app, "127.0.0.1", 0) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        ok = c.post("/v1/predict", json={"sample_rate": 8000,
+                                         "instances": [{"audio": [0.01] * 800}]})
+        big = c.post("/v1/predict", json={"sample_rate": 8000,
+                                          "instances": [{"audio": [0.01] * 8000}]})
+    assert ok.status_code == 200 and ok.json()["model_version"] == 4, ok.text
+    assert big.status_code == 413 and "MAX_BODY_BYTES" in big.json()["detail"]
+    assert threads and all(t.startswith("gnpd-predict") for t in threads)
+    get = metrics.registry.get_sample_value
+    assert get("gnp_predict_requests_total", {"status": "ok"}) == 1
+    assert get("gnp_predict_requests_total", {"status": "error"}) == 1

@@ -220,6 +220,21 @@ def test_replay_over_the_memory_budget_streams_from_the_maps_and_leaves_nothing_
     assert big.update_pending().resident == {"val": True, "all": True, "new": True}
 
 
+def test_a_cgap_update_trains_whole_units_and_publishes_them(env):
+    """GNPD_TRAIN__METHOD=cgap: the child runs gnp's cgap policy; the published version
+    has unit masks, loads back, and compacts to a smaller plain model."""
+    from gnp.compact import compact_model
+    from gnp.units import UnitMasks
+    env.seal(2)
+    result = env.worker(method="cgap").update_pending()
+    assert result.outcome == "success"
+    model, _ = env.registry.latest()
+    counts = UnitMasks(model).counts()
+    assert all(active < total for active, total in counts.values())
+    small = compact_model(model)
+    assert small.fc1.out_features == counts["fc1"][0]
+
+
 DAEMON = """
 import logging, sys, threading, time
 import gnp
