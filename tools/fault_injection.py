@@ -208,24 +208,26 @@ def _broker_pause(run: Run, pause: float) -> dict[str, Any]:
     run.send(run.batch(run.chunk))
     os.kill(pid, signal.SIGSTOP)
     t0 = time.monotonic()
-    connected = []
+    during = []
     while time.monotonic() - t0 < pause:
         time.sleep(min(5.0, max(0.0, pause - (time.monotonic() - t0))))
-        connected.append((round(time.monotonic() - t0, 1), d.metric("gnp_ingest_connected"),
-                          d.metric("gnp_ingest_last_poll_timestamp_seconds")))
+        connected = d.metric("gnp_ingest_connected")
+        last = d.metric("gnp_ingest_last_poll_timestamp_seconds")
+        during.append({"t_s": round(time.monotonic() - t0, 1), "ingest_connected": connected,
+                       "seconds_since_last_poll": round(time.time() - last, 1) if last else None})
     os.kill(pid, signal.SIGCONT)
     alive = d.alive
     run.prober.phase = "broker_resumed"
-    resumed = time.time()
-    run.send(run.batch(run.chunk))
+    resumed, r0 = time.time(), time.monotonic()
     reconnected = run.wait_for(
-        lambda: (d.metric("gnp_ingest_last_poll_timestamp_seconds") or 0) > resumed, 120, 0.5)
-    run.say(f"broker paused {pause:.0f}s: daemon alive {alive}, polling again {reconnected}")
+        lambda: (d.metric("gnp_ingest_last_poll_timestamp_seconds") or 0) > resumed, 120, 0.2)
+    first_poll = round(time.monotonic() - r0, 1)
+    run.send(run.batch(run.chunk))
+    run.say(f"broker paused {pause:.0f}s: daemon alive {alive}, polling again {reconnected} "
+            f"after {first_poll}s")
     return {"pause_s": pause, "daemon_alive_after": alive, "polling_after_resume": reconnected,
-            "during_pause": [{"t_s": t, "ingest_connected": c,
-                              "seconds_since_last_poll": (round(time.time() - lp, 1)
-                                                          if lp else None)}
-                             for t, c, lp in connected]}
+            "first_poll_after_resume_s": first_poll,
+            "connected_after_resume": d.metric("gnp_ingest_connected"), "during_pause": during}
 
 
 def _wait_learnt(run: Run, timeout: float = 600) -> bool:
@@ -462,9 +464,11 @@ def write_markdown(res: dict[str, Any], command: str, path: Path) -> None:
         "", "## Other faults", "",
         "| fault | outcome |", "|---|---|",
         f"| broker SIGSTOP {b['pause_s']:.0f} s, then SIGCONT | daemon alive: "
-        f"{b['daemon_alive_after']}; polling again after resume: {b['polling_after_resume']};"
-        f" `gnp_ingest_connected` during the pause: "
-        f"{[x['ingest_connected'] for x in b['during_pause']]} |",
+        f"{b['daemon_alive_after']}; `gnp_ingest_connected` at each 5 s sample of the pause: "
+        f"{_compact([x['ingest_connected'] for x in b['during_pause']])}, seconds since the "
+        f"last poll: {_compact([x['seconds_since_last_poll'] for x in b['during_pause']])}; "
+        f"polling again {b['first_poll_after_resume_s']} s after SIGCONT: "
+        f"{b['polling_after_resume']} (connected {_fmt(b['connected_after_resume'])}) |",
         f"| corrupt chunk ({c['file']}, 64 bytes overwritten) | reported and left out: "
         f"{c['reported']}; next update succeeded: {c['update_succeeded_after']}; "
         f"`gnp_store_corrupt_chunks` = {_fmt(c['gnp_store_corrupt_chunks'])} |",
@@ -488,10 +492,15 @@ def write_markdown(res: dict[str, Any], command: str, path: Path) -> None:
               "`kill:<point>:down` and `missing_manifest:down` run from the kill (including a "
               "request in flight at that moment) until `/readyz` answers 200 again: the "
               "daemon is dead or starting, so failures there are expected and measure the "
-              "restart time; `serving_after_restart` is from then until the next fault. "
+              "restart time; `serving_after_restart` is from then until the next fault (absent "
+              "when the next trial starts at once). "
               "`stop` is the final SIGTERM. Latency percentiles are of the successful "
               "requests."]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _compact(values: list[Any]) -> str:
+    return ", ".join(_fmt(v) for v in values)
 
 
 def _daemon_up(phase: str) -> bool:
