@@ -239,6 +239,7 @@ def write_markdown(res: dict[str, Any], command: str, path: Path, png: str) -> N
     s = res["summary"]
     ms = lambda v: "-" if v is None else f"{v * 1000:.1f}"  # noqa: E731
     mib = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+    late = [x[1] for x in res["rss_load"] if x[1] is not None and x[0] >= 300] or [None]
     u, h, g, r, st, ld = (s["updates"], s["healthz"], s["poll_gap_s"], s["rss_mib"], s["store"],
                           s["loadavg_1m"])
     lines = [
@@ -258,10 +259,10 @@ def write_markdown(res: dict[str, Any], command: str, path: Path, png: str) -> N
         f"{_f(s['update_seconds']['max'])} |",
         f"| final model version, chunks learnt | {s['final_model_version']}, "
         f"{s['seen_chunks']} |",
-        f"| seconds since the last consumer poll, max (upper bound of the longest poll gap, "
-        f"0.5 s scrapes) | {_f(g['max'])} |",
+        f"| seconds since the last consumer poll, max over the 0.5 s scrapes | {_f(g['max'])} |",
         f"| same, p99 / p50 | {_f(g['p99'])} / {_f(g['p50'])} |",
-        f"| same after the first 2 minutes (a fresh topic; start-up), max / p99 | "
+        f"| same after the first 2 minutes (start-up: before the producer's first records), "
+        f"max / p99 | "
         f"{_f(g['max_after_2_min'])} / {_f(g['p99_after_2_min'])} |",
         f"| `/healthz` every 0.5 s: requests, failed | {h['requests']}, {h['failed']} |",
         f"| `/healthz` latency p50 / p99 / max (ms) | {ms(h['p50_s'])} / {ms(h['p99_s'])} / "
@@ -278,7 +279,11 @@ def write_markdown(res: dict[str, Any], command: str, path: Path, png: str) -> N
         "(its lag check). So while records flow the value is the time since the consumer "
         "loop last fetched; a value up to ~5 s can also be a stretch of empty fetches (at "
         "start-up, before the first records), and anything above ~5 s means the loop did "
-        "not run. Scraped every 0.5 s, so short gaps are rounded up to the scrape interval.",
+        "not run. A scrape every 0.5 s sees each gap longer than that; the longest gap is at "
+        "most 0.5 s longer than the largest value seen.", "",
+        f"Daemon RSS from minute 5 to the end: {mib(min(late))}-{mib(max(late))} MiB. The "
+        f"training child lives for one update; its RSS grows with the data it replays (all of "
+        f"it resident at this size).",
         "", f"![soak]({png})", ""]
     path.write_text("\n".join(lines))
 
@@ -304,7 +309,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax[0].plot(m, rss[:, 1], label="daemon")
     ax[0].plot(m, rss[:, 2], ".", ms=2, label="training child (while an update runs)")
     ax[0].set_ylabel("RSS (MiB)")
-    ax[0].legend(loc="upper left")
+    ax[0].legend(loc="lower right")
     hz = np.array([(t, lat, ok) for t, ok, lat in res["healthz"]], dtype=float).reshape(-1, 3)
     ax[1].semilogy(hz[:, 0] / 60, hz[:, 1] * 1000, ".", ms=2)
     ax[1].set_ylabel("/healthz latency (ms)")
@@ -330,7 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("docs/results/soak/soak"))
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--render", action="store_true",
+                   help="only write OUT.md and OUT.png again from an existing OUT.json")
     args = p.parse_args(argv)
+    png = args.out.with_suffix(".png")
+    if args.render:
+        res = json.loads(args.out.with_suffix(".json").read_text())
+        plot(res, png)
+        write_markdown(res, res["summary"]["command"], args.out.with_suffix(".md"), png.name)
+        return 0
     root = Path(tempfile.mkdtemp(prefix="gnpd-soak-"))
     print(f"work folder {root}", flush=True)
     res = run_soak(args.duration, args.rate, args.chunk, root, args.seed,
@@ -340,7 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     res["summary"]["command"] = command
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(res, default=str) + "\n")
-    png = args.out.with_suffix(".png")
     plot(res, png)
     write_markdown(res, command, args.out.with_suffix(".md"), png.name)
     print(json.dumps(res["summary"], indent=1, default=str))
