@@ -18,10 +18,37 @@ if str(REPO) not in sys.path:  # tools/ is not installed (as in tests/deploy/con
     sys.path.insert(0, str(REPO))
 
 from tools.fault_injection import run_faults, write_markdown  # noqa: E402
+from tools.harness import Probe, attribute_kills, stored_ids  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+def test_read_back_sees_an_id_stored_twice_and_an_unreadable_file(tmp_path):
+    """The exactly-once check can fail: a chunk file copied under a second name, a torn one."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    chunks = tmp_path / "chunks"
+    chunks.mkdir()
+    table = pa.table({"id": ["a", "b"], "label": [1, 2]})
+    with ipc.new_file(str(chunks / "chunk-000001.arrow"), table.schema) as w:
+        w.write_table(table)
+    data = (chunks / "chunk-000001.arrow").read_bytes()
+    (chunks / "chunk-000002.arrow").write_bytes(data)
+    (chunks / "chunk-000003.arrow").write_bytes(data[: len(data) // 2])
+    ids, unreadable = stored_ids(tmp_path)
+    assert sorted(ids) == ["a", "a", "b", "b"]
+    assert [u.split(":")[0] for u in unreadable] == ["chunk-000003.arrow"]
 
 
+def test_a_request_in_flight_at_a_kill_is_counted_with_the_kill():
+    probes = [Probe(1.0, "kill:seal:up", True, 0.01, "200"),
+              Probe(2.0, "kill:seal:up", False, 0.3, "ReadError"),
+              Probe(2.5, "kill:seal:down", False, 0.01, "ConnectError")]
+    attribute_kills(probes, [(2.2, "kill:seal:down")])
+    assert [p.phase for p in probes] == ["kill:seal:up", "kill:seal:down", "kill:seal:down"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(1500)
 def test_every_good_id_stored_exactly_once_and_served_while_up(tmp_path):
     res = run_faults(trials=4, seed=7, root=tmp_path, pause=5.0, chunk=100, rate=150.0)
