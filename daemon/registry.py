@@ -380,11 +380,12 @@ def _probe(input_shape: tuple[int, ...], speech: bool) -> tuple[torch.Tensor, ..
     return (torch.zeros(1, *input_shape),)
 
 
-def _latency_seconds(model: nn.Module, inputs: tuple[torch.Tensor, ...], calls: int = 10,
-                     budget: float = 0.5, wait: float = 2.0) -> float | None:
+def _latency_seconds(model: nn.Module, inputs: tuple[torch.Tensor, ...], calls: int = 5,
+                     budget: float = 0.05, wait: float = 2.0) -> float | None:
     """Median wall time of a batch-1 forward pass over ``inputs`` after 2 warm-up calls (at
-    most `calls`, stopping after `budget` seconds), measured in a thread; None if it takes
-    over `wait` seconds (a model that blocks never holds up a swap)."""
+    most `calls`, stopping after `budget` seconds: a swap waits for it, so it stays short),
+    measured in a thread; None if it takes over `wait` seconds (a model that blocks never
+    holds up a swap)."""
     times: list[float] = []
 
     def measure() -> None:
