@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from daemon.arrow_batch import (ARROW_CONTENT_TYPE, RowBatch, encode_arrow_batch, is_arrow,
                                 parse_arrow_batch)
@@ -25,6 +25,7 @@ from daemon.ingest import Ingestor
 from daemon.metrics import Metrics
 from daemon.settings import KafkaSettings
 from daemon.store import ChunkStore
+from tests.daemon.test_ingest import read_all
 
 SHAPE = (4,)
 CLASSES = 3
@@ -116,22 +117,6 @@ def _send(bootstrap: str, topic: str, values: list[tuple[int, bytes]]) -> None:
         producer.close()
 
 
-def _read_all(bootstrap: str, topic: str, expect: int, timeout: float = 20.0) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        records: list = []
-        deadline = time.monotonic() + timeout
-        while len(records) < expect and time.monotonic() < deadline:
-            for got in consumer.poll(timeout_ms=200).values():
-                records.extend(got)
-        return records
-    finally:
-        consumer.close()
-
-
 @pytest.mark.integration
 def test_batch_with_bad_rows_dead_letters_only_them(kafka_bootstrap: str, make_topic,
                                                     tmp_path: Path) -> None:
@@ -161,7 +146,7 @@ def test_batch_with_bad_rows_dead_letters_only_them(kafka_bootstrap: str, make_t
     assert [c.rows for c in store.chunks()] == [5, 10]
     assert store.next_offsets() == {0: 4}
     assert ing.stats.stored == 15 and ing.stats.rejected == 4
-    dead = _read_all(kafka_bootstrap, kafka.effective_dlq_topic, 4)
+    dead = read_all(kafka_bootstrap, kafka.effective_dlq_topic, 4)
     got = sorted((int(dict(r.headers)["source_offset"]),
                   dict(r.headers).get("source_row", b"-").decode(),
                   dict(r.headers)["reason"].decode()) for r in dead)

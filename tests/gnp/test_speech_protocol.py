@@ -1,23 +1,13 @@
 """The speech protocols end to end on a few WAVs the test writes (tiny model)."""
 
 import json
-import wave
 
 import numpy as np
 import pytest
 
 from gnp import experiments
 from gnp.speech_protocol import first_chunks, speech_schedule
-
-
-def _write_wav(path, seconds, freq, rate=8000):
-    t = np.arange(int(seconds * rate)) / rate
-    pcm = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
+from tests.gnp.test_speech_data import _write_wav
 
 
 @pytest.fixture
