@@ -106,13 +106,19 @@ def parse_message(
                          partition, offset, data)
 
 
-def _parse(raw: bytes, partition: int, offset: int, shape: tuple[int, ...],
-           num_classes: int, max_bytes: int) -> Sample:
+def _load_object(raw: bytes, max_bytes: int) -> dict[str, Any]:
+    """A message's top-level JSON object, or a rejection (too large, not JSON, not an object)."""
     if len(raw) > max_bytes:
         raise _Reject("too_large", f"{len(raw)} bytes > max_message_bytes {max_bytes}")
     obj = load_json(raw)
     if not isinstance(obj, dict):
         raise _Reject("not_object", f"top-level JSON value is a {_json_type(obj)}, not an object")
+    return obj
+
+
+def _parse(raw: bytes, partition: int, offset: int, shape: tuple[int, ...],
+           num_classes: int, max_bytes: int) -> Sample:
+    obj = _load_object(raw, max_bytes)
     missing = [k for k in ("features", "label") if k not in obj]
     if missing:
         raise _Reject("missing_field", f"missing required field(s): {', '.join(missing)}")

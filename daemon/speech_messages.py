@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from daemon.messages import Rejection, _json_type, _Reject, _check_id, _check_timestamp, load_json, \
-    numeric_array, may_hold_bools
+from daemon.messages import _DETAIL_MAX, Rejection, _json_type, _load_object, _Reject, _check_id, \
+    _check_timestamp, numeric_array, may_hold_bools
 
 __all__ = ["SPEECH_REJECT_REASONS", "SpeechSample", "parse_speech_message", "encode_pcm16"]
 
@@ -63,17 +63,13 @@ def parse_speech_message(raw: bytes | None, partition: int, offset: int, sample_
     except _Reject as rej:
         return Rejection(rej.reason, rej.detail, partition, offset, data)
     except Exception as exc:  # noqa: BLE001 - a poison message must never escape
-        return Rejection("bad_type", f"unexpected {type(exc).__name__}: {exc}"[:200],
+        return Rejection("bad_type", f"unexpected {type(exc).__name__}: {exc}"[:_DETAIL_MAX],
                          partition, offset, data)
 
 
 def _parse(raw: bytes, partition: int, offset: int, rate: int, max_seconds: float,
            max_bytes: int) -> SpeechSample:
-    if len(raw) > max_bytes:
-        raise _Reject("too_large", f"{len(raw)} bytes > max_message_bytes {max_bytes}")
-    obj = load_json(raw)
-    if not isinstance(obj, dict):
-        raise _Reject("not_object", f"top-level JSON value is a {_json_type(obj)}, not an object")
+    obj = _load_object(raw, max_bytes)
     missing = [k for k in ("sample_rate", "transcript") if k not in obj]
     if not ("audio" in obj or "audio_pcm16" in obj):
         missing.append("audio or audio_pcm16")
