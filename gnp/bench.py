@@ -10,7 +10,11 @@ device, and report samples/s:
   masks applied after each step (the cost of sparsity bookkeeping included), no host
   sync per step, fused SGD;
 - baseline: the usual script: torch DataLoader over a TensorDataset (0 and 2 workers),
-  batches copied to the device each step, plain SGD, `loss.item()` logged per step.
+  batches copied to the device each step, plain SGD, `loss.item()` logged per step;
+- compute floor (not a contender): forward, backward and a fused SGD step on one fixed
+  batch, as many steps as an epoch has, with no data handling at all: no loop can beat
+  it, so "floor / best DataLoader" is the most any data pipeline could gain over the
+  usual script on this device and model.
 Each round times one epoch of every contender in turn, so machine noise hits them
 alike; the table gives the median round and the ratio of medians.
 """
@@ -87,6 +91,27 @@ def dataloader_epoch(model_name: str, data: Data, device: torch.device, cfg: Tra
     return epoch
 
 
+def floor_epoch(model_name: str, data: Data, device: torch.device, cfg: TrainConfig) -> Epoch:
+    """An epoch's worth of model steps on one fixed batch: the model's cost alone."""
+    model = build_model(model_name, tuple(data.x.shape[1:]), 10).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay,
+                          **({"fused": True} if device.type == "cuda" else {}))
+    xb = data.x[:cfg.batch_size].to(device)
+    yb = data.y[:cfg.batch_size].to(device)
+    steps = len(data) // cfg.batch_size
+
+    def epoch() -> int:
+        model.train()
+        for _ in range(steps):
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return steps * cfg.batch_size
+    return epoch
+
+
 def _timed(epoch: Epoch, device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
@@ -122,44 +147,67 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset(name).train
     data = data.subset(slice(0, args.samples)) if args.samples else data
     rows = []
+    load_before = _load()
     for augment in (False, True):
         cfg = TrainConfig(batch_size=args.batch_size, augment=augment)
         contenders = {"gnp": gnp_epoch(args.model, data, device, cfg),
                       "dataloader-0": dataloader_epoch(args.model, data, device, cfg, 0),
                       f"dataloader-{args.workers}": dataloader_epoch(args.model, data, device, cfg,
                                                                      args.workers)}
+        if not augment:  # the floor has no data handling, augmentation included
+            contenders["floor"] = floor_epoch(args.model, data, device, cfg)
         rates = compare(contenders, device, args.rounds)
         med = {k: statistics.median(v) for k, v in rates.items()}
-        best = max(v for k, v in med.items() if k != "gnp")
-        rows.append({"augment": augment, "samples_per_s": rates, "median": med,
-                     "ratio_vs_best_dataloader": med["gnp"] / best})
+        best = max(v for k, v in med.items() if k.startswith("dataloader"))
+        row = {"augment": augment, "samples_per_s": rates, "median": med,
+               "ratio_vs_best_dataloader": med["gnp"] / best}
+        if "floor" in med:
+            row["floor_vs_best_dataloader"] = med["floor"] / best
+        rows.append(row)
         print(f"augment={augment}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in med.items())
               + f"; gnp / best DataLoader {med['gnp'] / best:.2f}x", flush=True)
-    _save(args, device, name, len(data), rows)
+    _save(args, device, name, len(data), rows, (load_before, _load()))
     return 0
 
 
-def _save(args: argparse.Namespace, device: torch.device, dataset: str, n: int, rows: list) -> None:
+def _load() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
+def _save(args: argparse.Namespace, device: torch.device, dataset: str, n: int, rows: list,
+          load: tuple[str, str]) -> None:
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else None
     tag = "cuda" if device.type == "cuda" else "cpu"
     cmd = "python -m gnp.bench " + " ".join(sys.argv[1:])
     doc = {"command": cmd, "device": str(device), "gpu": gpu, "dataset": dataset, "samples": n,
            "model": args.model, "batch_size": args.batch_size, "rounds": args.rounds,
            "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+           "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "load_average_1min": {"before": load[0], "after": load[1]}, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"train_throughput_{tag}.json").write_text(json.dumps(doc, indent=1))
     w = f"dataloader-{args.workers}"
     lines = [f"# Training throughput, {args.model} on {dataset} ({device}{', ' + gpu if gpu else ''})", "",
              f"Command: `{cmd}`; torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"batch {args.batch_size}, {n} samples per epoch, median of {args.rounds} interleaved "
-             f"rounds; {doc['date']}.", "",
+             f"rounds; {doc['date']}; load average (1 min) {load[0]} before, {load[1]} after.", "",
              "| augmentation | gnp trainer (samples/s) | DataLoader, 0 workers | "
-             f"DataLoader, {args.workers} workers | gnp / best DataLoader |", "|---|---|---|---|---|"]
+             f"DataLoader, {args.workers} workers | gnp / best DataLoader | compute floor (samples/s) "
+             "| floor / best DataLoader |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["median"]
+        floor = (f"{m['floor']:,.0f} | {r['floor_vs_best_dataloader']:.2f}x" if "floor" in m
+                 else "- | -")
         lines.append(f"| {'on' if r['augment'] else 'off'} | {m['gnp']:,.0f} | "
-                     f"{m['dataloader-0']:,.0f} | {m[w]:,.0f} | {r['ratio_vs_best_dataloader']:.2f}x |")
+                     f"{m['dataloader-0']:,.0f} | {m[w]:,.0f} | {r['ratio_vs_best_dataloader']:.2f}x "
+                     f"| {floor} |")
+    lines += ["", "The compute floor is the model's forward, backward and SGD step on one fixed "
+              "batch, as many steps as an epoch, with no data handling: no training loop can "
+              "beat it, so its ratio to the best DataLoader loop is the most a data pipeline "
+              "can gain here."]
     (args.out / f"train_throughput_{tag}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -1,0 +1,25 @@
+"""python -m gnp.bench: the table it writes (rates, ratios and the compute floor)."""
+
+import json
+
+from gnp import bench
+
+
+def test_bench_writes_rates_ratios_and_floor(tmp_path):
+    assert bench.main(["--device", "cpu", "--samples", "512", "--rounds", "1", "--workers", "0",
+                       "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "train_throughput_cpu.json").read_text())
+    assert [r["augment"] for r in doc["rows"]] == [False, True]
+    off, on = doc["rows"]
+    for row in doc["rows"]:
+        med = row["median"]
+        best = max(v for k, v in med.items() if k.startswith("dataloader"))
+        assert row["ratio_vs_best_dataloader"] == med["gnp"] / best
+        assert all(v > 0 for v in med.values())
+    # the floor runs once, without augmentation, and is compared with the same DataLoaders
+    assert "floor" in off["median"] and "floor" not in on["median"]
+    # (--workers 0: the only DataLoader contender is the 0-worker one)
+    assert off["floor_vs_best_dataloader"] == off["median"]["floor"] / off["median"]["dataloader-0"]
+    md = (tmp_path / "train_throughput_cpu.md").read_text()
+    assert "compute floor" in md and "load average" in md
+    assert md.count("\n| o") == 2  # one row per augmentation setting
