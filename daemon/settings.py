@@ -185,8 +185,10 @@ class ModelSettings(_Section):
                                   "deepspeech2-hlstm-tiny)")
     input_shape: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [1, 28, 28],
-        description="shape of one sample's features (C, H, W): '[1,28,28]', '1,28,28' or '1x28x28'")
-    num_classes: int = Field(10, ge=2, description="labels are integers in [0, num_classes)")
+        description="shape of one sample's features (C, H, W): '[1,28,28]', '1,28,28' or "
+                    "'1x28x28'; a speech model: [20] (MFCC coefficients), its default")
+    num_classes: int = Field(10, ge=2, description="labels are integers in [0, num_classes); a "
+                                                   "speech model: 28 CTC symbols, its default")
     path: Path | None = Field(
         None, description="folder of the checkpoints; default <GNPD_DATA_DIR>/models")
     keep_versions: int = Field(
