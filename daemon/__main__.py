@@ -307,7 +307,8 @@ def _cmd_store_rebuild(args: argparse.Namespace) -> int:
                                 settings.store.chunk_size, settings.store.val_fraction,
                                 store_id=args.store_id,
                                 adopt_store_id=lambda chunks: _checkpoint_store_id(
-                                    settings.model.path, {str(c.id) for c in chunks}))
+                                    settings.model.path, {str(c.id) for c in chunks}),
+                                kind="speech" if settings.model.speech else "image")
     except (StoreError, OSError) as e:
         print(f"gnpd: {e}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@ child, and end to end (real broker, real store, real HTTP on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -166,3 +167,35 @@ def test_the_daemon_learns_streamed_speech_and_serves_transcripts(tmp_path, kafk
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
     assert manifest["kind"] == "speech" and manifest["next_offsets"] == {"0": 32}
     assert manifest["chunks"][0]["rows"] == 30
+
+
+def test_a_lost_speech_manifest_is_rebuilt_from_the_chunk_files(tmp_path):
+    from daemon.rebuild import rebuild_manifest
+
+    store = _store(tmp_path / "store", chunk=6)
+    store.append(_speech(range(13)))
+    before = store.chunks()
+    store.close()
+    (tmp_path / "store" / "manifest.json").unlink()
+    done = rebuild_manifest(tmp_path / "store", (20,), 6, 0.2, kind="speech")
+    assert done.manifest.kind == "speech" and done.skipped == ()
+    again = _store(tmp_path / "store", chunk=6)
+    assert [(c.id, c.rows, c.crc32c) for c in again.chunks()] == [
+        (c.id, c.rows, c.crc32c) for c in before]
+    assert again.next_offsets() == {0: 12}  # the open buffer (offset 12) is read again
+    again.close()
+    with pytest.raises(StoreError, match="holds speech samples"):  # not as an image store,
+        rebuild_manifest(tmp_path / "store", (20,), 6, 0.2)  # which would skip (then lose) them
+    assert json.loads((tmp_path / "store" / "manifest.json").read_text())["kind"] == "speech"
+    assert len(list((tmp_path / "store" / "chunks").glob("chunk-*.arrow"))) == 2
+
+
+def test_speech_models_take_the_speech_schedule_by_name():
+    from daemon.trainproc import _schedule
+    from gnp.speech_protocol import speech_schedule
+
+    assert _schedule("quick", speech=True) == speech_schedule(quick=True)
+    assert _schedule("paper", speech=True) == speech_schedule(quick=False)
+    assert _schedule("quick", speech=True).train.optimizer == "adam"
+    assert _schedule("quick") == gnp.Schedule.quick()
+    assert _schedule(dataclasses.asdict(TINY), speech=True) == TINY  # a given schedule as is
