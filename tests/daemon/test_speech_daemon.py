@@ -199,3 +199,39 @@ def test_speech_models_take_the_speech_schedule_by_name():
     assert _schedule("quick", speech=True).train.optimizer == "adam"
     assert _schedule("quick") == gnp.Schedule.quick()
     assert _schedule(dataclasses.asdict(TINY), speech=True) == TINY  # a given schedule as is
+
+
+def test_the_speech_demo_needs_its_recordings(tmp_path):
+    import subprocess
+    import sys
+
+    for extra, fragment in (([], "needs --data-dir"),
+                            (["--data-dir", str(tmp_path / "none")], "no {digit}_{speaker}")):
+        proc = subprocess.run([sys.executable, "-m", "daemon", "demo", "--dataset", "fsdd",
+                               "--port", "0", "--dir", str(tmp_path), *extra],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_speech_demo_prints_wer_per_version(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    wavs = tmp_path / "wav"
+    wavs.mkdir()
+    for speaker in ("ann", "bob"):
+        for digit in WORDS:
+            for n in range(5, 10):
+                _write_wav(wavs / f"{digit}_{speaker}_{n}.wav", 0.2 + 0.01 * n, 200 + 50 * digit)
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon", "demo", "--dataset", "fsdd", "--data-dir", str(wavs),
+         "--model", MODEL, "--chunk-size", "20", "--updates", "1", "--rate", "1000",
+         "--port", "0", "--device", "cpu", "--dir", str(tmp_path / "demo")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^  v1 +val WER +\d+\.\d\d%.*params.*cost", proc.stdout, re.M), proc.stdout
+    assert "done after 1 update(s)" in proc.stdout
