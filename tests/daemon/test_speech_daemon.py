@@ -16,7 +16,7 @@ from daemon.app import Daemon
 from daemon.manifest import StoreError
 from daemon.messages import Sample
 from daemon.metrics import Metrics
-from daemon.producer import fsdd_messages, produce
+from daemon.producer import ARROW_HEADERS, arrow_batches, fsdd_messages, produce
 from daemon.registry import ModelRegistry, ServedModel
 from daemon.settings import Settings
 from daemon.speech_messages import SpeechSample
@@ -164,9 +164,22 @@ def test_the_daemon_learns_streamed_speech_and_serves_transcripts(tmp_path, kafk
         assert 'gnp_ingest_rejected_total{reason="bad_transcript"} 1.0' in metrics
         wer = [line for line in metrics.splitlines() if line.startswith("gnp_model_wer_ratio ")]
         assert float(wer[0].split()[1]) == pytest.approx(1.0 - info["val_accuracy"])
+
+        # An Arrow batch (fixed-size features) is no speech sample; the next 30 recordings
+        # seal chunk 2, and version 2 (an update of version 1) answers from then on.
+        assert produce(kafka_bootstrap, topic, [arrow_batches("digits", batch=4).__next__()],
+                       headers=ARROW_HEADERS) == 1
+        produce(kafka_bootstrap, topic, messages)
+        _wait(lambda: client.get("/readyz").json().get("model_version") == 2, 60, "version 2")
+        r = client.post("/v1/predict", json={"sample_rate": 8000, "instances": [
+            {"audio": _audio(3).tolist()}]})
+        assert r.status_code == 200 and r.json()["model_version"] == 2, r.text
+        info = client.get("/v1/model").json()
+        assert info["parent"] == 1 and info["history"][1]["chunks"] == ["2"]
+        assert 'gnp_ingest_rejected_total{reason="bad_type"} 1.0' in client.get("/metrics").text
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
-    assert manifest["kind"] == "speech" and manifest["next_offsets"] == {"0": 32}
-    assert manifest["chunks"][0]["rows"] == 30
+    assert manifest["kind"] == "speech" and manifest["next_offsets"] == {"0": 63}
+    assert [c["rows"] for c in manifest["chunks"]] == [30, 30]
 
 
 def test_a_lost_speech_manifest_is_rebuilt_from_the_chunk_files(tmp_path):
