@@ -75,6 +75,9 @@ def test_speech_chunks_are_sealed_verified_and_read_back_exactly_once(tmp_path):
     again.close()
     with pytest.raises(StoreError, match="holds speech chunks"):
         ChunkStore(tmp_path / "store", 20, (20,), val_fraction=0.2)  # an image model's store
+    ChunkStore(tmp_path / "images", 20, (20,)).close()  # and the other way round
+    with pytest.raises(StoreError, match="holds image chunks.*takes speech samples"):
+        _store(tmp_path / "images")
 
 
 def test_a_tampered_speech_chunk_fails_its_checksum(tmp_path):
