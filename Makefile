@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test bench bench-daemon experiment clean
+.PHONY: setup data demo demo-speech test bench bench-daemon experiment clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ data:
 
 demo: setup data
 	$(PY) -m daemon demo
+
+# Speech: FSDD's WAV recordings (not packaged: point FSDD at a copy) learnt by a speech model.
+FSDD ?= ../shared/data/fsdd
+demo-speech: setup
+	$(PY) -m daemon demo --dataset fsdd --data-dir $(FSDD)
 
 test: setup data
 	$(PY) -m pytest -q

@@ -97,8 +97,10 @@ class Daemon:
         s = self.settings
         _set_torch_threads(s.serve.torch_threads)
         try:
+            from daemon.speech_store import codec_for  # a speech model keeps speech chunks
+
             self.store = ChunkStore(s.store.path, s.store.chunk_size, s.model.input_shape,
-                                    s.store.val_fraction)
+                                    s.store.val_fraction, codec=codec_for(s.model.name))
             self.control = self._serve_latest()
             self.http = HttpServer(self._app(self.control), s.serve.host, s.serve.port)
             self.http.start()

@@ -9,7 +9,10 @@ dead-letter topic with ``reason``/``detail``/source headers. A message whose
 ``content-type`` header announces an Arrow batch (:mod:`daemon.arrow_batch`) is
 validated as a whole batch: its good rows go to the store as one
 :class:`~daemon.arrow_batch.RowBatch` (columns, no per-row Python work) and each bad
-row is dead-lettered alone, its ``source_row`` header naming it.
+row is dead-lettered alone, its ``source_row`` header naming it. When the store keeps
+speech chunks (its ``codec``, :class:`daemon.speech_store.SpeechChunkCodec`) every message
+is parsed as a speech sample instead (:mod:`daemon.speech_messages`; Arrow batches, which
+carry fixed-size features, are dead-lettered ``bad_type``).
 
 Delivery guarantees:
 
@@ -55,6 +58,7 @@ from daemon.messages import Rejection, Sample, parse_message
 from daemon.metrics import Metrics
 from daemon.offsets import OffsetWatch
 from daemon.settings import KafkaSettings, Settings
+from daemon.speech_messages import SpeechSample
 from daemon.store import ChunkInfo, ChunkStore, UnstorableError
 
 __all__ = ["DeadLetterError", "IngestStats", "Ingestor"]
@@ -311,7 +315,7 @@ class Ingestor:
             result = self._parse(partition, rec)
             if isinstance(result, tuple):
                 run = self._take_batch(partition, rec.offset, *result, run, fresh)
-            elif isinstance(result, Sample):
+            elif isinstance(result, (Sample, SpeechSample)):
                 run.append(result)
                 if fresh:
                     self.metrics.ingest_samples.inc()
@@ -362,6 +366,13 @@ class Ingestor:
         poison = self._poison.get((partition, offset))
         if poison is not None:  # found by a failed seal: never parse it into a sample again
             return Rejection("unstorable", poison, partition, offset, bytes(value or b""))
+        if self.store.codec is not None:  # a speech store: speech messages only
+            if is_arrow(rec.headers):
+                return Rejection("bad_type", "Arrow batches carry fixed-size features; the "
+                                 "model takes speech messages (JSON, see "
+                                 "schemas/speech-sample.schema.json)", partition, offset,
+                                 bytes(value or b""))
+            return self.store.codec.parse(value, partition, offset, self.kafka.max_message_bytes)
         if is_arrow(rec.headers):
             return parse_arrow_batch(value, partition, offset, self.store.input_size,
                                      self.num_classes, self.kafka.max_message_bytes)

@@ -80,6 +80,7 @@ class Manifest:
     topic_id: str | None
     next_offsets: dict[int, int]
     chunks: tuple[ChunkInfo, ...] = field(default=())
+    kind: str = "image"  # what the chunks hold: "image" (fixed-size features) or "speech"
 
     def to_json(self) -> bytes:
         doc = {
@@ -92,6 +93,8 @@ class Manifest:
             "next_offsets": {str(p): o for p, o in sorted(self.next_offsets.items())},
             "chunks": [_chunk_json(c) for c in self.chunks],
         }
+        if self.kind != "image":  # image manifests stay as they were before speech stores
+            doc["kind"] = self.kind
         return json.dumps(doc, indent=1).encode("utf-8")
 
 
@@ -160,7 +163,7 @@ def _parse(store: Path, doc: dict[str, Any]) -> Manifest:
         val_fraction=float(doc.get("val_fraction", 0.0)),
         topic_id=doc.get("topic_id"),
         next_offsets={int(p): int(o) for p, o in doc["next_offsets"].items()},
-        chunks=chunks)
+        chunks=chunks, kind=str(doc.get("kind", "image")))
 
 
 def write_manifest(store: Path, manifest: Manifest) -> None:
@@ -196,11 +199,14 @@ def file_crc32c(path: Path) -> int:
         return crc32c.crc32c(src.read_buffer())
 
 
-def verify_chunk(chunk: ChunkInfo, input_size: int | None = None) -> str | None:
-    """Why ``chunk`` cannot be used (missing, checksum mismatch, unreadable); None if sound.
+def verify_chunk(chunk: ChunkInfo, input_size: int | None = None,
+                 kind: str = "image") -> str | None:
+    """Why ``chunk`` cannot be used (missing, checksum mismatch, unreadable, another kind
+    of chunk); None if sound.
 
     A chunk without a recorded checksum (an old manifest) is checked for being a
-    readable Arrow file with the recorded number of rows.
+    readable Arrow file with the recorded number of rows. ``kind`` "speech": the file
+    must hold the speech chunk columns (``audio``) instead of fixed-size ``features``.
     """
     try:
         if chunk.crc32c is not None:
@@ -210,7 +216,11 @@ def verify_chunk(chunk: ChunkInfo, input_size: int | None = None) -> str | None:
         with pa.memory_map(str(chunk.path), "r") as src:
             reader = ipc.open_file(src)
             rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
-            width = reader.schema.field("features").type.list_size
+            names = reader.schema.names
+            if ("audio" in names) != (kind == "speech"):
+                return (f"holds {'speech' if 'audio' in names else 'image'} samples, the "
+                        f"store expects {kind} samples")
+            width = None if kind == "speech" else reader.schema.field("features").type.list_size
     except FileNotFoundError:
         return "file is missing"
     except (OSError, pa.ArrowException, KeyError, AttributeError) as e:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from daemon.manifest import (
-    CHUNK_DIR, MANIFEST, ChunkInfo, Manifest, StoreLock, chunk_id_of, file_crc32c,
+    CHUNK_DIR, MANIFEST, ChunkInfo, Manifest, StoreError, StoreLock, chunk_id_of, file_crc32c,
     new_store_id, write_manifest,
 )
 
@@ -39,7 +39,7 @@ class Rebuilt:
 def rebuild_manifest(store: Path, input_shape: tuple[int, ...], chunk_size: int,
                      val_fraction: float, store_id: str | None = None,
                      adopt_store_id: Callable[[list[ChunkInfo]], str | None] | None = None,
-                     ) -> Rebuilt:
+                     kind: str = "image") -> Rebuilt:
     """Write a new manifest listing every readable chunk file of ``store``.
 
     ``next_offsets[p]`` becomes the largest offset of partition ``p`` in the chunks plus
@@ -47,16 +47,18 @@ def rebuild_manifest(store: Path, input_shape: tuple[int, ...], chunk_size: int,
     again). The store id is ``store_id`` when given, else the one salvaged from the old
     manifest's text, else ``adopt_store_id(chunks)`` (the CLI offers the newest
     checkpoint's when every chunk it learnt is among ``chunks``), else new. The old
-    manifest is moved aside, never deleted; no chunk file is touched.
+    manifest is moved aside, never deleted; no chunk file is touched. ``kind`` "speech":
+    the chunks of a speech model's store (an ``audio`` column, no fixed-size features).
 
     Raises:
         StoreLockedError: a daemon is using the store.
+        StoreError: a chunk file holds the other kind of samples (speech vs image).
     """
     lock = StoreLock(store)
     try:
         old_text = _read_text(store / MANIFEST)
         salvaged = _salvage(old_text)
-        chunks, skipped = _scan_chunks(store, math.prod(input_shape))
+        chunks, skipped = _scan_chunks(store, math.prod(input_shape), kind)
         next_offsets: dict[int, int] = {}
         for c in chunks:
             for p, (_, last) in c.offsets.items():
@@ -68,7 +70,7 @@ def rebuild_manifest(store: Path, input_shape: tuple[int, ...], chunk_size: int,
         if not sid:
             source, sid = "new", new_store_id()
         manifest = Manifest(sid, tuple(input_shape), chunk_size, val_fraction,
-                            salvaged.get("topic_id"), next_offsets, tuple(chunks))
+                            salvaged.get("topic_id"), next_offsets, tuple(chunks), kind=kind)
         moved = None
         if old_text is not None:
             moved = store / f"{MANIFEST}.broken-{int(time.time())}"
@@ -96,7 +98,8 @@ def _salvage(text: str | None) -> dict[str, str]:
     return out
 
 
-def _scan_chunks(store: Path, input_size: int) -> tuple[list[ChunkInfo], list[tuple[str, str]]]:
+def _scan_chunks(store: Path, input_size: int, kind: str = "image"
+                 ) -> tuple[list[ChunkInfo], list[tuple[str, str]]]:
     chunks, skipped = [], []
     for path in sorted((store / CHUNK_DIR).glob("chunk-*.arrow"), key=lambda p: p.name):
         number = chunk_id_of(path)
@@ -104,17 +107,22 @@ def _scan_chunks(store: Path, input_size: int) -> tuple[list[ChunkInfo], list[tu
             skipped.append((path.name, "not a chunk file name"))
             continue
         try:
-            chunks.append(_describe(path, number, input_size))
+            chunks.append(_describe(path, number, input_size, kind))
         except (OSError, pa.ArrowException, KeyError, ValueError) as e:
             skipped.append((path.name, f"unreadable: {type(e).__name__}: {e}"))
     return chunks, skipped
 
 
-def _describe(path: Path, number: int, input_size: int) -> ChunkInfo:
+def _describe(path: Path, number: int, input_size: int, kind: str = "image") -> ChunkInfo:
     """A ChunkInfo for a chunk file, from its partition and offset columns."""
     with pa.memory_map(str(path), "r") as src:
         table = ipc.open_file(src).read_all()
-        width = table.schema.field("features").type.list_size
+        if ("audio" in table.schema.names) != (kind == "speech"):  # never skip it: the
+            other = "speech" if kind == "image" else "image"  # sweep would delete it
+            raise StoreError(f"{path} holds {other} samples, not {kind} ones: rebuild this "
+                             f"store with the settings of the model that learnt it "
+                             f"(GNPD_MODEL__NAME)")
+        width = input_size if kind == "speech" else table.schema.field("features").type.list_size
         if width != input_size:
             raise ValueError(f"{width} features per sample, the settings say {input_size}")
         parts = table.column("partition").to_pylist()

@@ -180,11 +180,15 @@ class ModelSettings(_Section):
     """What the model sees: architecture name, input shape, classes, checkpoints."""
 
     name: str = Field("lenet-300-100", min_length=1,
-                      description="architecture from the gnp model registry (lenet-300-100, lenet-5)")
+                      description="architecture from the gnp model registry (lenet-300-100, "
+                                  "lenet-5, ...; speech: deepspeech2-hlstm, "
+                                  "deepspeech2-hlstm-tiny)")
     input_shape: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [1, 28, 28],
-        description="shape of one sample's features (C, H, W): '[1,28,28]', '1,28,28' or '1x28x28'")
-    num_classes: int = Field(10, ge=2, description="labels are integers in [0, num_classes)")
+        description="shape of one sample's features (C, H, W): '[1,28,28]', '1,28,28' or "
+                    "'1x28x28'; a speech model: [20] (MFCC coefficients), its default")
+    num_classes: int = Field(10, ge=2, description="labels are integers in [0, num_classes); a "
+                                                   "speech model: 28 CTC symbols, its default")
     path: Path | None = Field(
         None, description="folder of the checkpoints; default <GNPD_DATA_DIR>/models")
     keep_versions: int = Field(
@@ -219,10 +223,51 @@ class ModelSettings(_Section):
             raise ValueError(f"input shape {value} must be a non-empty list of positive sizes")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _speech_defaults(cls, data: Any) -> Any:
+        # A speech model takes MFCC frames and outputs CTC symbols: both sizes are fixed by
+        # gnp, so they default to them rather than to the image defaults.
+        if not isinstance(data, dict):
+            return data
+        speech = _speech_io(str(data.get("name") or ""))
+        if speech is None:
+            return data
+        return {"input_shape": list(speech[0]), "num_classes": speech[1], **data}
+
+    @model_validator(mode="after")
+    def _check_speech(self) -> ModelSettings:
+        speech = _speech_io(self.name)
+        if speech is not None and (list(speech[0]), speech[1]) != (self.input_shape,
+                                                                     self.num_classes):
+            raise ValueError(
+                f"{self.name} is a speech model: it takes input_shape {list(speech[0])} (MFCC "
+                f"coefficients) and num_classes {speech[1]} (CTC symbols), got "
+                f"{self.input_shape} and {self.num_classes}; leave GNPD_MODEL__INPUT_SHAPE "
+                f"and GNPD_MODEL__NUM_CLASSES unset")
+        return self
+
+    @property
+    def speech(self) -> bool:
+        """True for a speech model (learns speech samples, serves transcripts)."""
+        return _speech_io(self.name) is not None
+
     @property
     def input_size(self) -> int:
         """Number of features in one sample, the product of ``input_shape``."""
         return math.prod(self.input_shape)
+
+
+def _speech_io(name: str) -> tuple[tuple[int, ...], int] | None:
+    """(input_shape, num_classes) of a speech model; None for any other name."""
+    from gnp.models import SPEECH_MODELS  # lazily: torch is imported only to validate
+
+    if name not in SPEECH_MODELS:
+        return None
+    from gnp.audio import FeatureConfig
+    from gnp.transcripts import NUM_SYMBOLS
+
+    return (FeatureConfig().n_mfcc,), NUM_SYMBOLS
 
 
 class ServeSettings(_Section):

@@ -26,6 +26,10 @@ Offsets: ``next_offsets[p]`` is one past the last message of partition ``p``
 *consumed* before the seal, valid or rejected. The ingestor reports rejected
 messages with :meth:`ChunkStore.skip` so they count too. The file format is
 described in ``schemas/chunk.md``.
+
+A store given a ``codec`` (a :class:`daemon.speech_store.SpeechChunkCodec`, for a speech
+model) keeps that codec's samples and schema instead of fixed-size features, with the
+same seal, manifest (its ``kind`` recorded), checksum, offset and split guarantees.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import crc32c
 import numpy as np
@@ -122,14 +126,20 @@ class ChunkStore:
     Thread-safety: one writer (the ingest thread) calls append/skip/flush; any
     thread may call chunks(), dataset() and the offset getters.
 
+    Args:
+        codec: encodes the buffered samples of another kind (speech) into a chunk table
+            (``kind``, ``schema()``, ``check(item)``, ``encode(items, val_fraction)``);
+            None: fixed-size feature chunks (:func:`chunk_schema`).
+
     Raises:
         StoreError: the manifest is missing (while chunk files exist) or unreadable, or
-            holds another input shape; the message names the path and the way out.
+            holds another input shape or kind of chunks; the message names the path and
+            the way out.
         StoreLockedError: another process (or another open ChunkStore) uses the store.
     """
 
     def __init__(self, path: str | Path, chunk_size: int, input_shape: Sequence[int],
-                 val_fraction: float = 0.1) -> None:
+                 val_fraction: float = 0.1, codec: Any | None = None) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
         if not 0.0 <= val_fraction < 0.5:
@@ -141,7 +151,9 @@ class ChunkStore:
         self.input_shape = tuple(int(d) for d in input_shape)
         self.input_size = math.prod(self.input_shape)
         self.val_fraction = val_fraction
-        self._schema = chunk_schema(self.input_size)
+        self.codec = codec
+        self.kind = "image" if codec is None else codec.kind
+        self._schema = chunk_schema(self.input_size) if codec is None else codec.schema()
         self._lock = threading.Lock()
         self._chunks: list[ChunkInfo] = []
         self._next: dict[int, int] = {}
@@ -175,7 +187,7 @@ class ChunkStore:
 
     def verify(self, chunk: ChunkInfo) -> str | None:
         """Why a sealed chunk's file cannot be used (see :func:`daemon.manifest.verify_chunk`)."""
-        return verify_chunk(chunk, self.input_size)
+        return verify_chunk(chunk, self.input_size if self.codec is None else None, self.kind)
 
     # ---- offsets ---------------------------------------------------------------
 
@@ -208,12 +220,15 @@ class ChunkStore:
         """
         sealed = []
         for item in samples:
-            width = item.features.shape[-1] if isinstance(item, RowBatch) else item.features.size
-            if width != self.input_size or item.features.ndim != (2 if isinstance(
-                    item, RowBatch) else 1):
-                raise ValueError(f"sample at partition {item.partition} offset {item.offset} "
-                                 f"has {width} features, the store expects "
-                                 f"{self.input_size} (input_shape {list(self.input_shape)})")
+            if self.codec is not None:
+                self.codec.check(item)
+            else:
+                width = item.features.shape[-1] if isinstance(item, RowBatch) else item.features.size
+                if width != self.input_size or item.features.ndim != (2 if isinstance(
+                        item, RowBatch) else 1):
+                    raise ValueError(f"sample at partition {item.partition} offset {item.offset} "
+                                     f"has {width} features, the store expects "
+                                     f"{self.input_size} (input_shape {list(self.input_shape)})")
             if not self._consume(item.partition, item.offset):
                 continue
             self._buffer.append(item)
@@ -342,6 +357,8 @@ class ChunkStore:
 
     def _to_table(self, items: list[Sample | RowBatch]) -> pa.Table:
         """One table of the buffered items: runs of JSON samples and batches, in order."""
+        if self.codec is not None:
+            return self.codec.encode(items, self.val_fraction)
         parts, run = [], []
         for item in items:
             if isinstance(item, RowBatch):
@@ -385,6 +402,9 @@ class ChunkStore:
             chunk_ids: which chunks (default: all sealed chunks), in chunk order.
             split: "train", "val", or None for both.
         """
+        if self.codec is not None:
+            raise ValueError(f"store {self.path} holds {self.kind} chunks: read them with "
+                             f"read_table(), not as fixed-size features")
         if split not in ("train", "val", None):
             raise ValueError(f"split must be 'train', 'val' or None, got {split!r}")
         xs, ys = [], []
@@ -421,6 +441,12 @@ class ChunkStore:
             log.info("new store %s (id %s)", self.path, self._store_id)
             self._write_manifest([], {})
         else:
+            if manifest.kind != self.kind:
+                raise StoreError(
+                    f"store {self.path} holds {manifest.kind} chunks, but the configured model "
+                    f"takes {self.kind} samples: point GNPD_STORE__PATH (or GNPD_DATA_DIR) at "
+                    f"another folder for this model, or configure the model that learnt "
+                    f"this store")
             if list(manifest.input_shape) != list(self.input_shape):
                 raise ValueError(f"store {self.path} holds input_shape "
                                  f"{list(manifest.input_shape)}, not {list(self.input_shape)}")
@@ -437,7 +463,7 @@ class ChunkStore:
     def _write_manifest(self, chunks: list[ChunkInfo], next_offsets: dict[int, int]) -> None:
         write_manifest(self.path, Manifest(
             self._store_id, self.input_shape, self.chunk_size, self.val_fraction,
-            self._topic_id, dict(next_offsets), tuple(chunks)))
+            self._topic_id, dict(next_offsets), tuple(chunks), kind=self.kind))
 
 
 def _samples_columns(samples: list[Sample]) -> tuple:

@@ -11,7 +11,8 @@ The child opens the store read-only (the manifest, then each chunk memory-mapped
 takes no lock: the daemon holds it), verifies every chunk's checksum, trains with
 ``gnp.update`` on every usable chunk (resident within the replay budget, streamed from
 the memory maps beyond it: :mod:`daemon.replay`), evaluates the reference versions (served, head, recent ones) on the same
-validation set, writes ``candidate.safetensors`` (temp file + rename) and
+validation set (for a speech model: CTC, the metric 1 - WER, and speech chunks made
+resident as MFCCs within the same budget, :func:`daemon.speech_store.speech_sets`), writes ``candidate.safetensors`` (temp file + rename) and
 ``result.json``, and exits with one of the ``EXIT_*`` codes. It dies with its parent
 (``PR_SET_PDEATHSIG``, and gnp's ``should_stop`` checks the parent between epochs), is
 the first the kernel's OOM killer picks (``oom_score_adj``), and exits at once on SIGTERM.
@@ -104,9 +105,13 @@ def _convert(hint: Any, value: Any) -> Any:
     return value
 
 
-def _schedule(spec: Any) -> Any:
+def _schedule(spec: Any, speech: bool = False) -> Any:
     import gnp
 
+    if speech and spec in ("paper", "quick"):  # speech trains with AdamW, its own epochs
+        from gnp.speech_protocol import speech_schedule
+
+        return speech_schedule(quick=spec == "quick")
     if spec == "paper":
         return gnp.Schedule()
     if spec == "quick":
@@ -219,10 +224,12 @@ def _load_data(job: Job) -> tuple[dict[str, Any], Any]:
     if manifest is None:
         raise OSError(f"store {job.store} has no manifest")
     by_id = {c.id: c for c in manifest.chunks}
-    size = math.prod(job.input_shape)
+    speech = _is_speech(job.model_name)
+    size = None if speech else math.prod(job.input_shape)
     corrupt = {}
     for i in job.pending + job.older:
-        reason = verify_chunk(by_id[i], size) if i in by_id else "not in the manifest"
+        reason = verify_chunk(by_id[i], size, "speech" if speech else "image") \
+            if i in by_id else "not in the manifest"
         if reason:
             corrupt[str(i)] = reason
             log.error("chunk %d (%s) is corrupt and left out: %s", i,
@@ -234,9 +241,17 @@ def _load_data(job: Job) -> tuple[dict[str, Any], Any]:
         "replay_chunk_ids": [str(c.id) for c in sorted(new_chunks + old_chunks, key=lambda c: c.id)]}
     if not new_chunks:
         return report, None
-    views = [ChunkView(c.path, job.input_shape) for c in new_chunks + old_chunks]
-    sets = {"val": chunked(views, "val"), "all": chunked(views, "train"),
-            "new": chunked(views[:len(new_chunks)], "train")}
+    if speech:
+        from daemon.speech_store import speech_sets
+
+        sets = speech_sets([c.path for c in new_chunks], [c.path for c in old_chunks],
+                           job.replay_memory_bytes)
+        if sets is None:
+            return report, None
+    else:
+        views = [ChunkView(c.path, job.input_shape) for c in new_chunks + old_chunks]
+        sets = {"val": chunked(views, "val"), "all": chunked(views, "train"),
+                "new": chunked(views[:len(new_chunks)], "train")}
     if sets["new"] is None or sets["val"] is None:
         return report, None
     placed = place_all(sets, resolve_device(job.device), job.replay_memory_bytes)
@@ -261,18 +276,20 @@ def _train(job: Job, data: Any, stop: _Stop) -> tuple[dict[str, Any], Any]:
     update = _resolve(job.update_fn)
     log.info("training on %d new, %d replay, %d validation samples", len(new), len(replay),
              len(val))
-    schedule = _schedule(job.schedule)
+    speech = _is_speech(job.model_name)
+    task = {"task": _speech_task()} if speech else {}  # CTC: the metric is 1 - WER
+    schedule = _schedule(job.schedule, speech)
     schedule = dataclasses.replace(schedule, train=dataclasses.replace(
         schedule.train, resident_bytes=job.replay_memory_bytes, augment=job.augment))
     res = update(job.method, base, new=new, all=replay, val=val, schedule=schedule,
                  build=registry.build, device=job.device, progress=_progress_logger(),
-                 should_stop=stop)
+                 should_stop=stop, **task)
     evaluate = _resolve(job.evaluate_fn)
     refs = {}
     for number in job.reference_versions:
         model = base if number == job.base_version and base is not None else \
             registry.load(number)[0]
-        refs[str(number)] = float(evaluate(model, val))
+        refs[str(number)] = float(evaluate(model, val, **task))
     del base
     cost = res.cost
     fields = {"val_accuracy": float(res.val_accuracy),
@@ -281,6 +298,18 @@ def _train(job: Job, data: Any, stop: _Stop) -> tuple[dict[str, Any], Any]:
                        "wall_seconds": float(cost.wall_seconds), "device": str(cost.device)},
               "reference_accuracies": refs}
     return fields, res.model
+
+
+def _is_speech(model_name: str) -> bool:
+    from gnp.models import SPEECH_MODELS
+
+    return model_name in SPEECH_MODELS
+
+
+def _speech_task() -> Any:
+    from gnp.tasks import CTC_TASK
+
+    return CTC_TASK
 
 
 def _save_candidate(model: Any, out: Path) -> str:

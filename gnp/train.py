@@ -30,7 +30,7 @@ from gnp.tasks import CLASSIFICATION, Task
 
 __all__ = [
     "Abandoned", "CosineSchedule", "TrainingDiverged", "TrainConfig", "Trainer",
-    "affine_distort", "evaluate", "resolve_device", "sample_scores",
+    "affine_distort", "evaluate", "resolve_device", "sample_scores", "set_dropout_generator",
 ]
 
 Progress = Callable[[str, int, int], None]
@@ -125,8 +125,22 @@ def evaluate(model: nn.Module, data: Samples, device: str | torch.device | None 
     return float(scores.sum() / weights.sum().clamp(min=1e-12))
 
 
+def set_dropout_generator(model: nn.Module, gen: torch.Generator | None) -> int:
+    """Make every module of `model` with a `dropout_generator` attribute (the H-LSTM's
+    gates) draw its dropout masks from `gen`; returns how many it set. A generator is
+    not state: it is neither saved nor loaded with the weights."""
+    mods = [m for m in model.modules() if hasattr(m, "dropout_generator")]
+    for m in mods:
+        m.dropout_generator = gen
+    return len(mods)
+
+
 class Trainer:
-    """Trains one masked model for one update; counts every sample pass."""
+    """Trains one masked model for one update; counts every sample pass.
+
+    Random draws (shuffling, augmentation, dropout) come from generators seeded by
+    `seed`, never from the global RNG.
+    """
 
     def __init__(self, model: nn.Module, device: torch.device, cfg: TrainConfig,
                  meter: CostMeter, task: Task = CLASSIFICATION, seed: int = 0,
@@ -136,6 +150,9 @@ class Trainer:
         self.device, self.cfg, self.meter, self.task = device, cfg, meter, task
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.cpu_gen = torch.Generator().manual_seed(seed) if device.type != "cpu" else self.gen
+        # dropout has its own stream, so adding dropout to a model leaves shuffling alone
+        self.dropout_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        set_dropout_generator(self.model, self.dropout_gen)
         self.should_stop = should_stop
         self.opt = _optimizer(self.model, cfg)
         self.schedule = CosineSchedule(cfg.lr, cfg.lr * cfg.final_lr, 0)

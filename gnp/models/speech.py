@@ -33,9 +33,26 @@ from torch import nn
 from gnp.models.init import LEAKY_SLOPE
 from gnp.models.spec import ModelSpec
 
-__all__ = ["SpeechConfig", "GateMLP", "HLSTMCell", "BiHLSTM", "DeepSpeech2", "GATES"]
+__all__ = ["SpeechConfig", "GateMLP", "HLSTMCell", "BiHLSTM", "DeepSpeech2", "GATES",
+           "seeded_dropout"]
 
 GATES = ("forget", "input", "output", "cell")
+
+
+def seeded_dropout(a: torch.Tensor, p: float, training: bool,
+                   gen: torch.Generator | None) -> torch.Tensor:
+    """Inverted dropout whose mask is drawn from `gen` (the global RNG only when None).
+
+    gnp's trainer sets its own generator on every module with a `dropout_generator`
+    (`gnp.train.set_dropout_generator`), so an update never touches the global RNG and
+    the same seed gives the same weights.
+    """
+    if not training or p == 0.0:
+        return a
+    if gen is None:
+        return F.dropout(a, p, True)
+    keep = torch.rand(a.shape, generator=gen, device=a.device, dtype=a.dtype) >= p
+    return a * keep / (1.0 - p)
 
 
 @dataclass(frozen=True)
@@ -58,10 +75,11 @@ class GateMLP(nn.Module):
         self.fc1 = nn.Linear(n_in, hidden)
         self.fc2 = nn.Linear(hidden, n_out)
         self.dropout = dropout
+        self.dropout_generator: torch.Generator | None = None  # see seeded_dropout
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         a = F.leaky_relu(self.fc1(z), LEAKY_SLOPE)
-        return self.fc2(F.dropout(a, self.dropout, self.training))
+        return self.fc2(seeded_dropout(a, self.dropout, self.training, self.dropout_generator))
 
 
 class HLSTMCell(nn.Module):
@@ -72,6 +90,7 @@ class HLSTMCell(nn.Module):
         self.n_in, self.hidden = n_in, hidden
         self.gates = nn.ModuleDict({g: GateMLP(n_in + hidden, gate_hidden, hidden, dropout)
                                     for g in GATES})
+        self.dropout_generator: torch.Generator | None = None  # see seeded_dropout
 
     def step(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One time step, gate by gate (the reference the fused `forward` must match)."""
@@ -100,7 +119,8 @@ class HLSTMCell(nn.Module):
         out = []
         for pre_t in pre.unbind(1):  # unbind, not pre[:, t]: its backward is one stack
             a = F.leaky_relu(torch.addmm(pre_t, h, w_h), LEAKY_SLOPE)
-            a = F.dropout(a, p, self.training).view(b, 4, -1).transpose(0, 1)  # (4, B, G)
+            a = seeded_dropout(a, p, self.training, self.dropout_generator)
+            a = a.view(b, 4, -1).transpose(0, 1)  # (4, B, G)
             z = torch.baddbmm(b2, a, w2)  # (4, B, H): forget, input, output, cell
             f, i, o = torch.sigmoid(z[:3]).unbind(0)
             c = f * c + i * torch.tanh(z[3])

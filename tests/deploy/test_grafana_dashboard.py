@@ -76,6 +76,7 @@ def _panel_metrics(dash: dict) -> dict[str, set[str]]:
 @pytest.mark.parametrize("what, metrics", [
     ("served model version", {"gnp_model_version"}),
     ("validation accuracy", {"gnp_model_accuracy"}),
+    ("word error rate of a speech model", {"gnp_model_wer_ratio"}),
     ("active parameters", {"gnp_model_parameters"}),
     ("compression ratio", {"gnp_model_dense_parameters", "gnp_model_parameters"}),
     ("update cost in epochs", {"gnp_update_epochs"}),

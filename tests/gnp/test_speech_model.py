@@ -195,3 +195,45 @@ def test_training_the_speech_model_lowers_the_ctc_loss():
     # masks hold: dormant weights stay zero after steps
     for layer in t.masks:
         assert not layer.weight[~layer.mask].any()
+
+
+def test_dropout_draws_from_the_generator_it_is_given():
+    from gnp.train import set_dropout_generator
+
+    cell = HLSTMCell(3, 4, 8, dropout=0.2).train()
+    x = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    assert set_dropout_generator(cell, torch.Generator().manual_seed(7)) == 5  # cell + 4 gates
+    state = torch.get_rng_state()
+    first = cell(x)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG was not drawn from
+    assert not torch.equal(first, cell(x))  # the stream moves on
+    set_dropout_generator(cell, torch.Generator().manual_seed(7))
+    assert torch.equal(cell(x), first)  # the same seed, the same masks
+
+
+def _speech_update(seed):
+    from gnp.policies import Schedule, update
+    from gnp.prune import PruneConfig
+    from gnp.speech_protocol import SPEECH_TRAIN
+
+    data = _toy_data(16)
+    schedule = Schedule(new_epochs=1, all_epochs=2, baseline_epochs=2, grow_every=2,
+                        train=SPEECH_TRAIN, prune=PruneConfig(max_iterations=1, retrain_epochs=0.5))
+    first = update("ours", None, new=data, all=data, val=_toy_data(6, seed=1),
+                   schedule=schedule, build=_tiny_model, device="cpu", seed=seed, task=CTC_TASK)
+    return update("ours", first.model, new=data, all=data, val=_toy_data(6, seed=1),
+                  schedule=schedule, device="cpu", seed=seed + 1, task=CTC_TASK).model
+
+
+def test_speech_updates_are_reproducible_and_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = _speech_update(5)
+    assert torch.equal(torch.get_rng_state(), state)  # neither read nor reseeded
+    torch.manual_seed(999)  # a different global state changes nothing
+    b = _speech_update(5)
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(ta, tb), name
+    c = _speech_update(6)
+    assert any(not torch.equal(ta, tc) for ta, tc in zip(a.state_dict().values(),
+                                                          c.state_dict().values()))
