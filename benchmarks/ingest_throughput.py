@@ -40,7 +40,7 @@ from daemon.broker import EmbeddedBroker  # noqa: E402
 from daemon.ingest import _FAST_CRC, Ingestor  # noqa: E402
 from daemon.messages import JSON_DECODER, Sample, parse_message  # noqa: E402
 from daemon.producer import ARROW_HEADERS, produce  # noqa: E402
-from daemon.settings import KafkaSettings  # noqa: E402
+from daemon.settings import KafkaSettings, StoreSettings  # noqa: E402
 from daemon.store import ChunkStore  # noqa: E402
 
 SHAPE = (1, 28, 28)
@@ -100,7 +100,8 @@ def _cpu_seconds(pid: int | None) -> float:
 
 
 def time_ingest(bootstrap: str, topic: str, n: int, chunk_size: int, workdir: Path,
-                repeat: int, tag: str = "json", broker_pid: int | None = None) -> dict:
+                repeat: int, tag: str = "json", broker_pid: int | None = None,
+                write_behind: int = StoreSettings().write_behind) -> dict:
     """Consume the topic ``repeat`` times, each into a fresh store; median and best.
 
     ``n`` samples; timed until every complete chunk of them is sealed (fsync'd file +
@@ -110,7 +111,8 @@ def time_ingest(bootstrap: str, topic: str, n: int, chunk_size: int, workdir: Pa
     runs, cpu_self, cpu_broker = [], [], []
     rows = n - n % chunk_size
     for r in range(repeat):
-        store = ChunkStore(workdir / f"store-{tag}-{r}", chunk_size, SHAPE, 0.1)
+        store = ChunkStore(workdir / f"store-{tag}-{r}", chunk_size, SHAPE, 0.1,
+                           write_behind)
         kafka = KafkaSettings(bootstrap_servers=bootstrap, topic=topic,
                               group_id=f"bench-{tag}-{r}")
         ing = Ingestor(kafka, store, input_shape=SHAPE, num_classes=10)

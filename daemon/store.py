@@ -12,6 +12,12 @@ rows of an Arrow batch message (:class:`~daemon.arrow_batch.RowBatch`) never str
 two chunks, so a chunk may hold up to one batch less one row beyond ``chunk_size``,
 and exactly-once per message is exactly-once per row (partition, offset, row). A seal writes the chunk to a temp
 file, fsyncs it, renames it into place, then replaces the manifest the same way.
+With ``write_behind`` > 0 a seal encodes the chunk on the calling thread and
+hands the file and manifest writes to one background writer (at most
+``write_behind`` chunks in flight, written in order), so the ingest thread keeps
+consuming meanwhile; a chunk counts as sealed (:meth:`ChunkStore.chunks`,
+:meth:`ChunkStore.next_offsets`) only once its file and the manifest listing it
+are durable, and a failed write is raised on the ingest thread at its next call.
 The manifest is the only source of truth: at start-up, temp files and a chunk file
 it does not list that a crash between the rename and the manifest write explains
 (numbered after the last listed chunk, every offset at or past ``next_offsets``) are
@@ -34,7 +40,9 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -119,8 +127,12 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 class ChunkStore:
     """Buffers samples, seals them into Arrow chunks, serves them back as arrays.
 
-    Thread-safety: one writer (the ingest thread) calls append/skip/flush; any
+    Thread-safety: one writer (the ingest thread) calls append/skip/flush/sync; any
     thread may call chunks(), dataset() and the offset getters.
+
+    Args:
+        write_behind: chunks whose file and manifest writes may still be in flight in
+            a background thread while ingestion goes on (0: written by the sealing call).
 
     Raises:
         StoreError: the manifest is missing (while chunk files exist) or unreadable, or
@@ -129,13 +141,15 @@ class ChunkStore:
     """
 
     def __init__(self, path: str | Path, chunk_size: int, input_shape: Sequence[int],
-                 val_fraction: float = 0.1) -> None:
+                 val_fraction: float = 0.1, write_behind: int = 0) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
         if not 0.0 <= val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in [0, 0.5), got {val_fraction}")
         if not input_shape or any(int(d) <= 0 for d in input_shape):
             raise ValueError(f"input_shape must be positive sizes, got {list(input_shape)}")
+        if write_behind < 0:
+            raise ValueError(f"write_behind must be >= 0, got {write_behind}")
         self.path = Path(path)
         self.chunk_size = chunk_size
         self.input_shape = tuple(int(d) for d in input_shape)
@@ -147,6 +161,10 @@ class ChunkStore:
         self._next: dict[int, int] = {}
         self._topic_id: str | None = None
         self._store_id = ""
+        self.write_behind = write_behind
+        self._writer: ThreadPoolExecutor | None = None
+        self._inflight: deque[Future] = deque()  # background chunk writes, oldest first
+        self._write_failed: BaseException | None = None
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock_file: StoreLock | None = StoreLock(self.path)
         try:
@@ -154,6 +172,7 @@ class ChunkStore:
         except BaseException:
             self.close()
             raise
+        self._last_id = self._chunks[-1].id if self._chunks else 0  # sealed or in flight
         self._reset_buffer()
 
     @property
@@ -162,7 +181,12 @@ class ChunkStore:
         return self._store_id
 
     def close(self) -> None:
-        """Release the store's lock (idempotent); the open buffer is not sealed."""
+        """Finish the chunk writes in flight, release the lock (idempotent); the open
+        buffer is not sealed."""
+        self._settle()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
         lock, self._lock_file = self._lock_file, None
         if lock is not None:
             lock.release()
@@ -204,8 +228,14 @@ class ChunkStore:
         are ignored, so a re-delivered message is never stored twice.
 
         Returns:
-            The chunks sealed by this call (often none).
+            The chunks sealed by this call (often none); with ``write_behind`` they may
+            not be durable yet: :meth:`chunks` lists them once they are.
+
+        Raises:
+            OSError, StoreError: a background write of an earlier chunk failed (nothing
+                of it is durable; :meth:`discard_buffer` rewinds to the last durable seal).
         """
+        self.sync(block=False)
         sealed = []
         for item in samples:
             width = item.features.shape[-1] if isinstance(item, RowBatch) else item.features.size
@@ -236,7 +266,17 @@ class ChunkStore:
         The daemon does not call this (a partial buffer is simply re-read from
         Kafka after a restart); it is for tests and one-off imports.
         """
-        return self._seal() if self._buffer else None
+        info = self._seal() if self._buffer else None
+        self.sync()
+        return info
+
+    def sync(self, block: bool = True) -> None:
+        """Raise the error of a failed background chunk write; with ``block``, first wait
+        until every chunk sealed so far is durable.
+        """
+        while self._inflight and (block or self._inflight[0].done()):
+            self._inflight[0].result()  # raises the write's error; stays queued until a discard
+            self._inflight.popleft()
 
     def discard_buffer(self) -> int:
         """Drop the open buffer and rewind to the durable offsets; returns samples dropped.
@@ -244,6 +284,7 @@ class ChunkStore:
         Used by the ingestor to recover from an error: it then seeks Kafka back to
         :meth:`next_offsets` and reads the dropped messages again.
         """
+        self._settle()
         dropped = len(self._buffer)
         self._reset_buffer()
         return dropped
@@ -267,6 +308,7 @@ class ChunkStore:
         """
         if topic_id is None or topic_id == self._topic_id:
             return False
+        self._settle()
         reset = self._topic_id is not None
         self._topic_id = topic_id
         if reset:
@@ -282,6 +324,7 @@ class ChunkStore:
         """
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
+        self._settle()
         with self._lock:
             self._consumed[partition] = offset
             if self._next.get(partition, 0) > offset:
@@ -302,24 +345,63 @@ class ChunkStore:
     def _seal(self) -> ChunkInfo:
         samples, self._buffer = self._buffer, []
         rows, self._buffered_rows = self._buffered_rows, 0
-        chunk_id = self._chunks[-1].id + 1 if self._chunks else 1
+        chunk_id = self._last_id + 1
         final = self.path / _CHUNK_DIR / f"chunk-{chunk_id:06d}.arrow"
         try:
+            while len(self._inflight) >= self.write_behind > 0:  # bounded: wait for room
+                self._inflight[0].result()  # a failed write stays queued until a discard
+                self._inflight.popleft()
             table = self._encode(samples)
             data = _ipc_bytes(table)
-            _write_atomic(final, lambda f: f.write(data))
             info = ChunkInfo(chunk_id, final, table.num_rows, _offset_ranges(table), time.time(),
                              crc32c.crc32c(data))
             next_offsets = dict(self._consumed)
-            self._write_manifest(self._chunks + [info], next_offsets)
+            if self.write_behind:
+                if self._writer is None:
+                    self._writer = ThreadPoolExecutor(1, thread_name_prefix="gnpd-chunk-writer")
+                self._inflight.append(self._writer.submit(self._write_behind, info, data,
+                                                          next_offsets))
+            else:
+                self._make_durable(info, data, next_offsets)
         except BaseException:
             self._buffer = samples + self._buffer  # nothing became durable: keep the samples
             self._buffered_rows += rows
             raise
+        self._last_id = chunk_id
+        return info
+
+    def _make_durable(self, info: ChunkInfo, data: memoryview,
+                      next_offsets: dict[int, int]) -> None:
+        """Write the chunk file, then the manifest listing it; then it counts as sealed."""
+        _write_atomic(info.path, lambda f: f.write(data))
+        self._write_manifest(self._chunks + [info], next_offsets)
         with self._lock:
             self._chunks.append(info)
             self._next = next_offsets
-        return info
+
+    def _write_behind(self, info: ChunkInfo, data: memoryview,
+                      next_offsets: dict[int, int]) -> None:
+        """:meth:`_make_durable` in the writer thread; after a failure, write nothing more
+        (the manifest must list chunks without gaps) until :meth:`discard_buffer`."""
+        if self._write_failed is not None:
+            raise StoreError(f"chunk {info.id} not written: an earlier chunk write failed "
+                             f"({self._write_failed!r})")
+        try:
+            self._make_durable(info, data, next_offsets)
+        except BaseException as exc:
+            self._write_failed = exc
+            raise
+
+    def _settle(self) -> None:
+        """Wait for the writes in flight; a failed one is only logged (its rows are
+        not durable, so they are read again from the durable offsets)."""
+        while self._inflight:
+            try:
+                self._inflight.popleft().result()
+            except Exception as exc:  # noqa: BLE001 - already raised to the caller or moot
+                log.warning("a background chunk write failed: %r", exc)
+        self._write_failed = None
+        self._last_id = self._chunks[-1].id if self._chunks else 0
 
     def _encode(self, samples: list[Sample | RowBatch]) -> pa.Table:
         """:meth:`_to_table`, or UnstorableError naming the samples that cannot be encoded."""
