@@ -308,7 +308,7 @@ class ChunkStore:
         """
         if topic_id is None or topic_id == self._topic_id:
             return False
-        self._settle()
+        self.sync()  # the offsets of chunks in flight must be durable (or their error raised)
         reset = self._topic_id is not None
         self._topic_id = topic_id
         if reset:
@@ -324,7 +324,7 @@ class ChunkStore:
         """
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
-        self._settle()
+        self.sync()
         with self._lock:
             self._consumed[partition] = offset
             if self._next.get(partition, 0) > offset:

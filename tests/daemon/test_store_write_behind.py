@@ -127,6 +127,17 @@ def test_a_failed_background_write_is_raised_to_the_caller_and_nothing_is_lost(
     store.close()
 
 
+def test_a_rebase_never_hides_a_failed_write(tmp_path: Path,
+                                             disk_full_once: list[Path]) -> None:
+    store = ChunkStore(tmp_path, 4, SHAPE, 0.25, write_behind=1)
+    store.append(samples(0, 5))
+    with pytest.raises(OSError):  # else offsets 0-3 would count as consumed, never stored
+        store.rebase(0, 5)
+    store.discard_buffer()
+    assert store.positions() == {} and store.next_offsets() == {}
+    store.close()
+
+
 def test_close_finishes_the_writes_in_flight(tmp_path: Path, gate: threading.Event) -> None:
     store = ChunkStore(tmp_path, 4, SHAPE, 0.25, write_behind=1)
     store.append(samples(0, 5))
