@@ -217,7 +217,8 @@ def machine() -> dict:
 
 
 def command_line(argv: list[str] | None) -> str:
-    env = f"PYTHONPATH={os.environ['PYTHONPATH']} " if os.environ.get("PYTHONPATH") else ""
+    env = "".join(f"{k}={shlex.quote(v)} " for k, v in sorted(os.environ.items())
+                  if k == "PYTHONPATH" or k.startswith("GNPD_"))  # settings come from GNPD_*
     args = sys.argv[1:] if argv is None else argv
     return env + shlex.join([".venv/bin/python", "benchmarks/ingest_throughput.py", *args])
 

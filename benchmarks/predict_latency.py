@@ -35,6 +35,7 @@ import logging
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -162,6 +163,17 @@ def _wrk(url: str, script: Path, connections: int, seconds: float) -> dict:
             "wrk_output": out}
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads); 0 if unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class _Seen(logging.Handler):
     """Sets an event when a relayed line of the training child contains ``text``."""
 
@@ -245,11 +257,13 @@ def run(args: argparse.Namespace) -> dict:
             for training in (False, True):
                 for conns in args.connections:
                     trainer = update.start() if training else None
+                    child = trainer.child_pid if trainer is not None else None
                     swaps0, load0 = swapper.swaps, os.getloadavg()[0]
-                    cpu0 = sum(os.times()[:2])
+                    cpu0, child0 = sum(os.times()[:2]), _cpu_seconds(child)
                     try:
                         row = _wrk(server.url, script, conns, args.seconds)
                         row["server_cpu_s"] = sum(os.times()[:2]) - cpu0
+                        row["train_cpu_s"] = _cpu_seconds(child) - child0 if child else None
                     finally:
                         if trainer is not None:
                             trainer.stop()
@@ -281,7 +295,9 @@ def run(args: argparse.Namespace) -> dict:
             if passes else None,
             "machine": _machine(), "load_average_before": load_before,
             "load_average_after": list(os.getloadavg()),
-            "command": " ".join(["python benchmarks/predict_latency.py", *sys.argv[1:]]),
+            "command": "".join(f"{k}={shlex.quote(v)} " for k, v in sorted(os.environ.items())
+                               if k == "PYTHONPATH" or k.startswith("GNPD_"))
+            + shlex.join([".venv/bin/python", "benchmarks/predict_latency.py", *sys.argv[1:]]),
             "model": "lenet-300-100 (1x28x28 -> 10), ~10% of connections active",
             "when": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.gmtime())}
 
@@ -313,17 +329,22 @@ def _verdict(r: dict) -> str:
 def _table(report: dict) -> str:
     head = ("| connections | update training | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | "
             "requests | failed | mixed-version | swaps | server CPU per request | "
-            "load avg (1 min) after | target |\n"
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+            "training child CPU s | load avg (1 min) after | target |\n"
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     lines = [head] + [
         f"| {r['connections']} | {'yes' if r['training'] else 'no'} | "
         f"{r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
         f"{r['p99_ms']:.2f} | {r['p99.9_ms']:.2f} | {r['requests']:,} | "
         f"{r['failed'] + r['socket_errors']} | {r['mixed_version']} | {r['swaps']} | "
         f"{1e6 * r['server_cpu_s'] / max(r['requests'], 1):,.0f} µs | "
-        f"{r['load_average_1m_after']:.1f} | {_verdict(r)} |"
+        f"{_train_cpu(r)} | {r['load_average_1m_after']:.1f} | {_verdict(r)} |"
         for r in report["rows"]]
     return "\n".join(lines)
+
+
+def _train_cpu(r: dict) -> str:
+    cpu = r.get("train_cpu_s")
+    return "" if cpu is None else f"{cpu:.1f}"
 
 
 def _markdown(report: dict) -> str:
@@ -342,7 +363,8 @@ training child (`python -m daemon.trainproc`: niceness +{report['train']['nice']
 (`GNPD_TRAIN__NICE`), {report['train']['torch_threads'] or 'all'} torch threads
 (`GNPD_TRAIN__TORCH_THREADS`), schedule {report['train']['schedule']}) learning two
 5,000-sample chunks of random data from scratch; each row waits until the child trains,
-and stops it (SIGTERM) at the end of the row. Latency is wrk's, request sent to response
+and stops it (SIGTERM) at the end of the row; "training child CPU s" is the CPU time the
+child used during the row (of {report['seconds']:.0f} s on {m['cpus']} CPUs). Latency is wrk's, request sent to response
 received.
 
 {_table(report)}
