@@ -267,16 +267,18 @@ def write_report(result: dict, out: Path) -> None:
              "  is ~160 MB/s of durable writes, and `dd ... conv=fsync` of 192 MiB gave",
              "  82-89 MB/s (once 400 MB/s) on this machine's shared disk.",
              "- Sealing (encode, write, fsync, manifest) on the ingest thread took 1.27 s of a",
-             "  2.5 s pass of 100k Arrow samples (file `write` 0.89 s, `fsync` 0.18 s; quiet",
-             "  machine). The store now writes each chunk and the manifest behind the ingest",
-             "  thread (`GNPD_STORE__WRITE_BEHIND`, default 1 chunk in flight, as in the runs",
-             "  below; offsets are still committed only once a chunk is durable): 0.23 s of",
-             "  sealing is left on the ingest thread, which then spends ~1.6 s of a ~2.0 s",
-             "  pass waiting in `consumer.poll` (one fetch round trip to the broker at a time).",
-             "  It gains only where a core is free for the writer: in one-off alternating",
-             "  passes while another process kept one of the 2 cores busy, write-behind was",
-             "  5-14% slower than sealing on the ingest thread; with the core free, 7-11%",
-             "  faster. The table has both, passes alternating, from the command below.",
+             "  2.5 s pass of 100k Arrow samples, the file `write` alone 0.89 s (quiet",
+             "  machine). Writing a new 16 MB file on this VM took ~50 ms (median of 20) while",
+             "  its page-cache pages were kept, ~5 ms when each file's pages were dropped",
+             "  after its fsync (`POSIX_FADV_DONTNEED`), so freed pages are reused for the next:",
+             "  the store now drops them (ingestion never reads a chunk back).",
+             "- Writing chunks behind the ingest thread (`GNPD_STORE__WRITE_BEHIND` > 0, a",
+             "  background writer; offsets still committed only once durable) left 0.23 s of",
+             "  sealing on the ingest thread and gained 7-18% while the writes were slow and a",
+             "  core was free, but lost 5-14% when another process kept a core busy; with the",
+             "  cheap writes it was slower than sealing on the ingest thread (one-off",
+             "  alternating passes), so the default is 0. The table has both settings, passes",
+             "  alternating, from the command below.",
              ""]
     for r in [result]:
         lines += _run_lines(r)
@@ -296,8 +298,8 @@ def _run_lines(r: dict) -> list[str]:
         f"**Load average** (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in load0)} before, "
         f"{', '.join(f'{x:.1f}' for x in load1)} after, on {m['cpu_cores']} cores  ",
         f"Broker: {r['broker']}; {r['partitions']} partition(s); chunks of "
-        f"{r['chunk_size']:,} samples, written behind the ingest thread "
-        f"(write_behind {r.get('write_behind', 0)}); consumer fetch settings "
+        f"{r['chunk_size']:,} samples (`GNPD_STORE__WRITE_BEHIND` "
+        f"{r.get('write_behind', 0)}); consumer fetch settings "
         f"{a['raw_consume']['fetch']}", "",
         "| stage | JSON, one sample per message | Arrow batch |", "|---|---:|---:|",
         f"| messages (samples per message) | {j['messages']:,} (1) | "
@@ -316,7 +318,7 @@ def _run_lines(r: dict) -> list[str]:
         f"**{a['ingest']['samples_per_s']:,.0f} samples/s** |",
         f"| Ingestor end to end, best pass | {j['ingest']['best_samples_per_s']:,.0f} "
         f"samples/s | {a['ingest']['best_samples_per_s']:,.0f} samples/s |",
-        *_sync_row(a),
+        *_other_row(r),
         f"| CPU cost end to end (ingest process + broker), median pass | "
         f"{_per_cpu(j)} | {_per_cpu(a)} |",
         "",
@@ -333,14 +335,14 @@ def _run_lines(r: dict) -> list[str]:
         "(not counting waits for the disk: every chunk file and manifest is fsync'd).", ""]
 
 
-def _sync_row(arrow: dict) -> list[str]:
-    """The Arrow passes that sealed on the ingest thread (write_behind 0), if measured."""
-    sync = arrow["ingest"].get("by_write_behind", {}).get("0")
-    if sync is None:
-        return []
-    return [f"| the same, sealing on the ingest thread (`GNPD_STORE__WRITE_BEHIND=0`), "
-            f"passes alternating with the daemon's setting: median, best | not run | "
-            f"{sync['samples_per_s']:,.0f}, {sync['best_samples_per_s']:,.0f} samples/s |"]
+def _other_row(r: dict) -> list[str]:
+    """The Arrow passes with the other write_behind setting, if measured."""
+    others = {k: v for k, v in r["arrow"]["ingest"].get("by_write_behind", {}).items()
+              if k != str(r.get("write_behind", 0))}
+    return [f"| the same with `GNPD_STORE__WRITE_BEHIND={k}` (daemon default "
+            f"{r.get('write_behind', 0)}), passes alternating with the row above: median, best "
+            f"| not run | {v['samples_per_s']:,.0f}, {v['best_samples_per_s']:,.0f} samples/s |"
+            for k, v in others.items()]
 
 
 def _per_cpu(path: dict) -> str:
@@ -401,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                              broker_pid=broker_pid)
         arrow_path = run_path(bootstrap, args.partitions, arrow, args.arrow_samples,
                               args.chunk_size, Path(tmp), args.repeat, "arrow", ARROW_HEADERS,
-                              broker_pid, (StoreSettings().write_behind, 0))
+                              broker_pid, (StoreSettings().write_behind,
+                                           0 if StoreSettings().write_behind else 1))
     json_path["parsing"] = time_parsing(messages[:5000], max(args.repeat, 5))
     arrow_path["parsing"] = time_arrow_parsing(arrow[:20], args.arrow_batch, 5)
     arrow_path["batch"] = args.arrow_batch

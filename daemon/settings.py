@@ -175,10 +175,11 @@ class StoreSettings(_Section):
     val_fraction: float = Field(
         0.1, gt=0.0, lt=0.5, description="share of each chunk held out for validation")
     write_behind: int = Field(
-        1, ge=0, le=4,
-        description="sealed chunks whose file and manifest are still being written in the "
-                    "background while ingestion reads on (0 = write on the ingest thread); "
-                    "offsets are committed once a chunk is durable")
+        0, ge=0, le=4,
+        description="sealed chunks whose file and manifest may still be being written in a "
+                    "background thread while ingestion reads on (0 = written on the ingest "
+                    "thread: the faster on the 2-core benchmark machine; more may help where "
+                    "fsync is slow); offsets are committed once a chunk is durable")
 
 
 class ModelSettings(_Section):
