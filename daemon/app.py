@@ -11,6 +11,7 @@ that was durable.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ from daemon.control import ModelControl
 from daemon.metrics import Metrics
 from daemon.registry import ModelRegistry, ModelVersion, ServedModel
 from daemon.auth import require_token
-from daemon.serving import HttpServer, create_app
+from daemon.serving import HttpServer, create_app, freeze_heap
 from daemon.settings import Settings
 from daemon.store import ChunkStore
 from daemon.updater import UpdatePolicy, UpdateResult, UpdateWorker
@@ -100,7 +101,8 @@ class Daemon:
             from daemon.speech_store import codec_for  # a speech model keeps speech chunks
 
             self.store = ChunkStore(s.store.path, s.store.chunk_size, s.model.input_shape,
-                                    s.store.val_fraction, codec=codec_for(s.model.name))
+                                    s.store.val_fraction, s.store.write_behind,
+                                    codec=codec_for(s.model.name))
             self.control = self._serve_latest()
             self.http = HttpServer(self._app(self.control), s.serve.host, s.serve.port)
             self.http.start()
@@ -114,6 +116,7 @@ class Daemon:
         except BaseException:
             self.stop()
             raise
+        log.debug("%d start-up objects kept off the garbage collector", freeze_heap())
         log.info("gnpd running: model %s %s, store %s, HTTP %s, Kafka %s topic %s",
                  s.model.name, s.model.input_shape, s.store.path, self.http.url,
                  self.bootstrap_servers, s.kafka.topic)
@@ -216,6 +219,7 @@ class Daemon:
         store, self.store = self.store, None
         if store is not None:
             store.close()  # releases the store's lock for the next process
+        gc.unfreeze()  # what start-up built may be garbage now (a process that goes on)
         log.info("gnpd stopped")
         return clean
 

@@ -18,9 +18,12 @@ Delivery guarantees:
 
 * A chunk is sealed only after every dead-letter send it covers is acknowledged,
   so a crash never loses a rejected message (it may dead-letter one twice).
-* Offsets are committed to Kafka for ``group_id`` only after a seal, and only as
-  far as the seal: they serve lag tools, while the manifest stays the source of
-  truth for resuming.
+* Offsets are committed to Kafka for ``group_id`` only after a seal is durable (its
+  chunk file and the manifest listing it), and only as far as the seal: they serve
+  lag tools, while the manifest stays the source of truth for resuming. With a
+  write-behind store the chunk is written in the background while consumption goes
+  on; each poll picks up the chunks that have become durable since, and a failed
+  background write is handled on the ingest thread like any other seal error.
 * On any error (broker outage, failed dead-letter send, disk full) the ingestor
   drops its non-durable buffer, reconnects with exponential backoff and reads
   again from the last seal -- nothing is stored twice, nothing is skipped.
@@ -130,7 +133,8 @@ class Ingestor:
         self._next_lag = self._next_topic_check = 0.0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self.metrics.store_chunks.set(len(store.chunks()))
+        self._reported = len(store.chunks())  # durable chunks already committed / announced
+        self.metrics.store_chunks.set(self._reported)
 
     @classmethod
     def from_settings(cls, settings: Settings, store: ChunkStore, metrics: Metrics | None = None,
@@ -162,7 +166,8 @@ class Ingestor:
     def stop(self, timeout: float = 10.0) -> bool:
         """Ask the loop to stop and wait up to ``timeout`` s; True if it stopped.
 
-        The open buffer is not sealed: those messages are read again on restart.
+        Chunks already sealed are made durable and their offsets committed first; the
+        open buffer is not sealed: those messages are read again on restart.
         """
         self._stopping.set()
         thread = self._thread
@@ -187,7 +192,16 @@ class Ingestor:
                     self._stopping.wait(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
         finally:
+            self._finish_writes()
             self.close()
+
+    def _finish_writes(self) -> None:
+        """Wait for the store's chunk writes in flight; commit and announce what is durable."""
+        try:
+            self.store.sync()
+        except Exception as exc:  # noqa: BLE001 - not durable: read again at the next start
+            log.warning("a chunk write failed at shutdown: %r", exc)
+        self._report_sealed()
 
     def close(self) -> None:
         """Flush dead-letter sends and close the Kafka clients (reconnects on next poll)."""
@@ -224,12 +238,15 @@ class Ingestor:
             return 0
         if batches:
             self._watch.reached()
+        self.store.sync(block=False)  # a failed background write: recover as from any error
+        self._report_sealed()
         try:
             handled = sum(self._handle_partition(tp.partition, records)
                           for tp, records in batches.items())
         except UnstorableError as exc:
             self._set_aside(exc)
             return 0
+        self._report_sealed()
         if self._watch.check(self._consumer, self._assigned):
             self._refresh_topic()  # a dip: was the topic recreated?
         if self._clock() >= self._next_lag:
@@ -385,17 +402,13 @@ class Ingestor:
         rows = sum(len(x) if isinstance(x, RowBatch) else 1 for x in run)
         if rows >= self.store.chunk_size - self.store.buffered:
             self._flush_dead_letters()  # the seal below covers their offsets
-        before = len(self.store.chunks())
         try:
-            sealed = self.store.append(run)
+            self.store.append(run)
         except UnstorableError:
-            done = self.store.chunks()[before:]  # sealed by this call before the failure
-            if done:
-                self._after_seal(done)
+            self._report_sealed()  # sealed by this call before the failure
             raise
         self._counts["stored"] += rows
-        if sealed:
-            self._after_seal(sealed)
+        self._report_sealed()
 
     def _dead_letter(self, rej: Rejection, fresh: bool = True) -> None:
         if not self.store.skip(rej.partition, rej.offset):
@@ -409,6 +422,13 @@ class Ingestor:
     def _flush_dead_letters(self) -> None:
         if self._dlq is not None:
             self._dlq.flush(timeout=30)
+
+    def _report_sealed(self) -> None:
+        """Commit and announce the chunks that became durable since the last call."""
+        chunks = self.store.chunks()
+        if len(chunks) > self._reported:
+            sealed, self._reported = chunks[self._reported:], len(chunks)
+            self._after_seal(sealed)
 
     def _after_seal(self, sealed: list[ChunkInfo]) -> None:
         self._counts["sealed"] += len(sealed)
@@ -427,7 +447,8 @@ class Ingestor:
 
     def _commit(self) -> None:
         """Commit the durable offsets for group_id (for lag tools; failures only logged)."""
-        assert self._consumer is not None
+        if self._consumer is None:  # closed by a recovery: the next seal's commit covers it
+            return
         offsets = {TopicPartition(self.kafka.topic, p): OffsetAndMetadata(o, "", -1)
                    for p, o in self.store.next_offsets().items()}
         try:

@@ -174,6 +174,12 @@ class StoreSettings(_Section):
     chunk_size: int = Field(5000, gt=0, description="samples per chunk; each sealed chunk triggers an update")
     val_fraction: float = Field(
         0.1, gt=0.0, lt=0.5, description="share of each chunk held out for validation")
+    write_behind: int = Field(
+        0, ge=0, le=4,
+        description="sealed chunks whose file and manifest may still be being written in a "
+                    "background thread while ingestion reads on (0 = written on the ingest "
+                    "thread: the faster on the 2-core benchmark machine; more may help where "
+                    "fsync is slow); offsets are committed once a chunk is durable")
 
 
 class ModelSettings(_Section):
@@ -363,6 +369,11 @@ class TrainSettings(_Section):
         0, ge=0, le=256,
         description="torch intra-op threads of the training child; 0 = torch's default "
                     "(every core). Lower it to leave cores to serving and ingestion")
+    nice: int = Field(
+        10, ge=0, le=19,
+        description="niceness the training child adds to the daemon's (as `nice -n`), "
+                    "applied before torch starts its threads: serving and ingestion get a "
+                    "busy CPU first; 0 = the daemon's priority")
     child_memory_bytes: int = Field(
         0, ge=0, description="private memory the training child may allocate beyond its "
                              "start-up (Linux RLIMIT_DATA; the memory-mapped store does not "

@@ -66,6 +66,7 @@ class Job:
     memory_limit_bytes: int = 0  # 0: no limit
     parent_pid: int = 0
     torch_threads: int = 0  # torch intra-op threads; 0: torch's default (every core)
+    nice: int = 10  # niceness increment, applied before torch starts any thread
     update_fn: str = "gnp:update"
     evaluate_fn: str = "gnp:evaluate"
 
@@ -386,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     job = Job.from_json(Path(args[0]).read_text())
     _bind_to_parent(job.parent_pid)
+    os.nice(job.nice)  # per thread on Linux: torch's threads, started later, inherit it
     stop = _Stop(job.parent_pid)
     try:
         result = _run(job, stop)

@@ -71,6 +71,7 @@ class UpdatePolicy:
     replay_memory_bytes: int = 2 * 2**30
     child_memory_bytes: int = 0
     torch_threads: int = 0
+    nice: int = 10  # added to the child's niceness: serving and ingestion go first
     keep_versions: int = 20
     augment: bool = False
     update_fn: str = "gnp:update"
@@ -87,7 +88,7 @@ class UpdatePolicy:
                    timeout=float(t.update_timeout_seconds),
                    replay_memory_bytes=int(t.replay_memory_bytes),
                    child_memory_bytes=int(t.child_memory_bytes),
-                   torch_threads=int(t.torch_threads),
+                   torch_threads=int(t.torch_threads), nice=int(t.nice),
                    keep_versions=int(settings.model.keep_versions), augment=bool(t.augment))
 
 
@@ -307,7 +308,7 @@ class UpdateWorker:
             device=self.policy.device,
             replay_memory_bytes=self.policy.replay_memory_bytes, augment=self.policy.augment,
             memory_limit_bytes=self.policy.child_memory_bytes, parent_pid=os.getpid(),
-            torch_threads=self.policy.torch_threads,
+            torch_threads=self.policy.torch_threads, nice=self.policy.nice,
             update_fn=self.policy.update_fn, evaluate_fn=self.policy.evaluate_fn)
 
     def _verdict(self, run: ChildRun, ids: tuple[str, ...]) -> _Attempt:

@@ -318,7 +318,7 @@ WORKER = textwrap.dedent("""
     from daemon.store import ChunkStore
     logging.basicConfig(level=logging.WARNING)
     bootstrap, topic, path, chunk = sys.argv[1:5]
-    store = ChunkStore(path, int(chunk), (4,), 0.2)
+    store = ChunkStore(path, int(chunk), (4,), 0.2)  # as the daemon's default
     kafka = KafkaSettings(bootstrap_servers=bootstrap, topic=topic, group_id="crash",
                           poll_timeout_ms=50, max_message_bytes=2000)
     Ingestor(kafka, store, input_shape=(4,), num_classes=3).run()

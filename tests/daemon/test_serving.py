@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import socket
@@ -11,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import httpx
@@ -23,7 +25,7 @@ from torch import nn
 import gnp
 from daemon.metrics import Metrics
 from daemon.registry import ModelRegistry, ModelVersion, ServedModel, UpdateCost
-from daemon.serving import MAX_INSTANCES, HttpServer, create_app
+from daemon.serving import MAX_INSTANCES, HttpServer, create_app, freeze_heap
 from daemon.settings import ServeSettings
 
 pytestmark = pytest.mark.integration
@@ -422,3 +424,21 @@ def test_serving_the_compact_model_answers_like_the_recoverable_one_and_reports_
         srv.stop()
     with pytest.raises(ValueError, match="variant"):
         ServedModel(SHAPE, "tiny")
+
+
+class _Node:
+    pass
+
+
+def test_freeze_heap_keeps_start_up_objects_off_the_collector_and_frees_garbage_first():
+    live, dead = _Node(), _Node()
+    live.me, dead.me = live, dead  # cycles: only the cyclic collector frees them
+    gone = weakref.ref(dead)
+    del dead
+    try:
+        assert freeze_heap() == gc.get_freeze_count() > 0
+        assert gone() is None  # collected, not kept for good
+        assert not any(o is live for o in gc.get_objects())  # full collections skip it
+    finally:
+        gc.unfreeze()
+    assert any(o is live for o in gc.get_objects())

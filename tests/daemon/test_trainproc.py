@@ -411,3 +411,16 @@ def test_out_of_memory_and_storage_errors_are_infrastructure_errors():
     assert _is_infra(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
     assert not _is_infra(RuntimeError("boom"))
     assert not _is_infra(gnp.TrainingDiverged("training loss became nan"))
+
+
+def test_the_training_child_runs_niced_with_its_configured_threads(env, tmp_path, monkeypatch):
+    """Serving and ingestion get a busy CPU first: every thread of the child, torch's
+    included, runs at the daemon's niceness plus GNPD_TRAIN__NICE."""
+    out = tmp_path / "priority.txt"
+    monkeypatch.setenv("GNPD_TEST_PRIORITY_FILE", str(out))
+    env.seal()
+    worker = env.worker(update_fn=FAKE + "records_priority", nice=7, torch_threads=2)
+    assert worker.update_pending().outcome == "success"
+    threads, *nice = map(int, out.read_text().split())
+    assert threads == 2 and len(nice) >= 2
+    assert set(nice) == {min(os.getpriority(os.PRIO_PROCESS, 0) + 7, 19)}
