@@ -42,6 +42,7 @@ from daemon.messages import JSON_DECODER, Sample, parse_message  # noqa: E402
 from daemon.producer import ARROW_HEADERS, produce  # noqa: E402
 from daemon.settings import KafkaSettings, StoreSettings  # noqa: E402
 from daemon.store import ChunkStore  # noqa: E402
+from tools.harness import cpu_seconds  # noqa: E402
 
 SHAPE = (1, 28, 28)
 
@@ -88,17 +89,6 @@ def make_arrow_messages(n: int, batch: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def _cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of process ``pid`` (all its threads) so far; 0 if unknown."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def time_ingest(bootstrap: str, topic: str, n: int, chunk_size: int, workdir: Path,
                 repeat: int, tag: str = "json", broker_pid: int | None = None,
                 write_behinds: tuple[int, ...] = (StoreSettings().write_behind,)) -> dict:
@@ -133,11 +123,11 @@ def _ingest_pass(bootstrap: str, topic: str, rows: int, chunk_size: int, path: P
                           group_id=f"bench-{path.name}")
     ing = Ingestor(kafka, store, input_shape=SHAPE, num_classes=10)
     ing.connect()
-    t0, c0, b0 = time.perf_counter(), _cpu_seconds(os.getpid()), _cpu_seconds(broker_pid)
+    t0, c0, b0 = time.perf_counter(), cpu_seconds(os.getpid()), cpu_seconds(broker_pid)
     while sum(c.rows for c in store.chunks()) < rows:
         ing.poll_once()
-    timed = (time.perf_counter() - t0, _cpu_seconds(os.getpid()) - c0,
-             _cpu_seconds(broker_pid) - b0)
+    timed = (time.perf_counter() - t0, cpu_seconds(os.getpid()) - c0,
+             cpu_seconds(broker_pid) - b0)
     ing.stop()
     assert sum(c.rows for c in store.chunks()) == rows, "batches must divide the chunk"
     store.close()

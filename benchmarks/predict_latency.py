@@ -50,6 +50,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tools.harness import LogSeen, cpu_seconds  # noqa: E402
+
 SHAPE = (1, 28, 28)
 VERSIONS = 4
 TARGETS = {32: ("req/s >= 2,000 and p99 <= 25 ms", 2000.0, 25.0), 8: ("p99 <= 10 ms", 0.0, 10.0)}
@@ -163,29 +165,6 @@ def _wrk(url: str, script: Path, connections: int, seconds: float) -> dict:
             "wrk_output": out}
 
 
-def _cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads); 0 if unknown."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class _Seen(logging.Handler):
-    """Sets an event when a relayed line of the training child contains ``text``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text, self.event = text, threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            self.event.set()
-
-
 class _Update:
     """The daemon's update path, training while a row runs: real child, real settings."""
 
@@ -211,7 +190,7 @@ class _Update:
         self.rows += 1
         registry = ModelRegistry(self.workdir / f"models-{self.rows}", "lenet-300-100", SHAPE, 10)
         worker = UpdateWorker(self.store, registry, ServedModel(SHAPE), Metrics(), self.policy)
-        seen = _Seen("training on")
+        seen = LogSeen("training on")
         child_log = logging.getLogger("daemon.trainproc")
         child_log.addHandler(seen)
         child_log.setLevel(logging.INFO)
@@ -259,11 +238,11 @@ def run(args: argparse.Namespace) -> dict:
                     trainer = update.start() if training else None
                     child = trainer.child_pid if trainer is not None else None
                     swaps0, load0 = swapper.swaps, os.getloadavg()[0]
-                    cpu0, child0 = sum(os.times()[:2]), _cpu_seconds(child)
+                    cpu0, child0 = sum(os.times()[:2]), cpu_seconds(child)
                     try:
                         row = _wrk(server.url, script, conns, args.seconds)
                         row["server_cpu_s"] = sum(os.times()[:2]) - cpu0
-                        row["train_cpu_s"] = _cpu_seconds(child) - child0 if child else None
+                        row["train_cpu_s"] = cpu_seconds(child) - child0 if child else None
                     finally:
                         if trainer is not None:
                             trainer.stop()

@@ -13,6 +13,7 @@ Everything listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -29,10 +30,34 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-__all__ = ["DaemonProc", "Probe", "Prober", "attribute_kills", "daemon_env", "digits_messages", "percentile",
-           "poison_messages", "stored_ids", "summarize"]
+__all__ = ["DaemonProc", "LogSeen", "Probe", "Prober", "attribute_kills", "cpu_seconds", "daemon_env",
+           "digits_messages", "percentile", "poison_messages", "stored_ids", "summarize"]
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads); 0 if unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class LogSeen(logging.Handler):
+    """Sets ``event`` when a log record's message contains ``text`` (e.g. a relayed line of
+    the training child)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.event = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
 
 
 def daemon_env(root: Path, bootstrap: str, topic: str, port: int, chunk: int,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import httpx
 import numpy as np
@@ -24,6 +23,7 @@ from daemon.speech_store import SpeechChunkCodec
 from daemon.store import ChunkStore, val_mask
 from daemon.updater import UpdatePolicy, UpdateWorker
 from gnp.speech_protocol import SPEECH_TRAIN
+from tests.daemon.test_app_e2e import _wait
 from gnp.transcripts import NUM_SYMBOLS
 from tests.gnp.test_speech_data import _write_wav
 
@@ -117,16 +117,6 @@ def test_the_training_child_learns_speech_chunks_and_keeps_to_the_budget(tmp_pat
     store.append(_speech(range(24, 48)))  # the next chunk: an update of version 1
     assert worker.update_pending().outcome == "success"
     assert served.version.parent == 1 and served.version.seen_chunk_ids == ("1", "2")
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.mark.integration

@@ -29,6 +29,7 @@ from daemon.replay import ChunkView, chunked, row_bytes
 from daemon.serving import HttpServer, create_app
 from daemon.store import ChunkStore
 from daemon.updater import UpdatePolicy, UpdateWorker
+from tools.harness import LogSeen
 
 pytestmark = pytest.mark.integration
 
@@ -76,18 +77,6 @@ def env(tmp_path, digits) -> Env:
     return Env(tmp_path, digits)
 
 
-class _Seen(logging.Handler):
-    """Sets an event when the relayed child log contains ``text``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text, self.event = text, threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            self.event.set()
-
-
 class _Prober:
     """Predict requests against real HTTP in a thread; records every status and latency."""
 
@@ -122,7 +111,7 @@ def test_sigkill_of_the_training_child_keeps_serving_and_the_next_update_succeed
     env.served.publish(*env.registry.load(v1.version))
     env.seal()
     worker = env.worker(schedule=SLOW)
-    seen = _Seen("training on")
+    seen = LogSeen("training on")
     child_log = logging.getLogger("daemon.trainproc")
     level = child_log.level
     child_log.setLevel(logging.INFO)
