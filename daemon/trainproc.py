@@ -67,6 +67,7 @@ class Job:
     parent_pid: int = 0
     torch_threads: int = 0  # torch intra-op threads; 0: torch's default (every core)
     nice: int = 10  # niceness increment, applied before torch starts any thread
+    seed: int = 0  # seeds the update's generators (shuffling, growth, dropout)
     update_fn: str = "gnp:update"
     evaluate_fn: str = "gnp:evaluate"
 
@@ -284,7 +285,7 @@ def _train(job: Job, data: Any, stop: _Stop) -> tuple[dict[str, Any], Any]:
         schedule.train, resident_bytes=job.replay_memory_bytes, augment=job.augment))
     res = update(job.method, base, new=new, all=replay, val=val, schedule=schedule,
                  build=registry.build, device=job.device, progress=_progress_logger(),
-                 should_stop=stop, **task)
+                 should_stop=stop, seed=job.seed, **task)
     evaluate = _resolve(job.evaluate_fn)
     refs = {}
     for number in job.reference_versions:

@@ -309,6 +309,8 @@ class UpdateWorker:
             replay_memory_bytes=self.policy.replay_memory_bytes, augment=self.policy.augment,
             memory_limit_bytes=self.policy.child_memory_bytes, parent_pid=os.getpid(),
             torch_threads=self.policy.torch_threads, nice=self.policy.nice,
+            # each update draws its own shuffles and dropout; a retry of the same chunks the same
+            seed=int(pending[0].id) if pending else 0,
             update_fn=self.policy.update_fn, evaluate_fn=self.policy.evaluate_fn)
 
     def _verdict(self, run: ChildRun, ids: tuple[str, ...]) -> _Attempt:

@@ -112,6 +112,16 @@ def records_priority(method, model, **kw):
     return fake_result(model, **kw)
 
 
+SEED_ENV = "GNPD_TEST_SEED_FILE"
+
+
+def records_seed(method, model, **kw):
+    """Appends the seed the update was given to the file named by $GNPD_TEST_SEED_FILE."""
+    with open(os.environ[SEED_ENV], "a") as f:
+        f.write(f"{kw['seed']}\n")
+    return fake_result(model, **kw)
+
+
 def sleepy(method, model, **kw):
     """Takes a few seconds, like a real update (for races with a rollback)."""
     import time

@@ -413,3 +413,18 @@ def test_the_training_child_runs_niced_with_its_configured_threads(env, tmp_path
     threads, *nice = map(int, out.read_text().split())
     assert threads == 2 and len(nice) >= 2
     assert set(nice) == {min(os.getpriority(os.PRIO_PROCESS, 0) + 7, 19)}
+
+
+def test_each_update_is_seeded_by_its_first_new_chunk(env, tmp_path, monkeypatch):
+    """Updates draw their own shuffles and dropout (not seed 0 every time), reproducibly:
+    the seed is the first new chunk's id."""
+    out = tmp_path / "seeds.txt"
+    monkeypatch.setenv("GNPD_TEST_SEED_FILE", str(out))
+    worker = env.worker(update_fn=FAKE + "records_seed")
+    env.seal()
+    assert worker.update_pending().outcome == "success"
+    env.seal(2)
+    assert worker.update_pending().outcome == "success"
+    first, second = (int(v) for v in out.read_text().split())
+    ids = [int(c.id) for c in env.store.chunks()]
+    assert (first, second) == (ids[0], ids[1]) and first != second
