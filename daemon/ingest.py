@@ -133,7 +133,7 @@ class Ingestor:
         self._next_lag = self._next_topic_check = 0.0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._reported = len(store.chunks())  # durable chunks already committed / announced
+        self._reported = store.sealed_count  # durable chunks already committed / announced
         self.metrics.store_chunks.set(self._reported)
 
     @classmethod
@@ -425,9 +425,9 @@ class Ingestor:
 
     def _report_sealed(self) -> None:
         """Commit and announce the chunks that became durable since the last call."""
-        chunks = self.store.chunks()
-        if len(chunks) > self._reported:
-            sealed, self._reported = chunks[self._reported:], len(chunks)
+        if self.store.sealed_count > self._reported:  # checked on every poll: no list copy
+            sealed = self.store.chunks()[self._reported:]
+            self._reported += len(sealed)
             self._after_seal(sealed)
 
     def _after_seal(self, sealed: list[ChunkInfo]) -> None:
@@ -435,7 +435,7 @@ class Ingestor:
         durable = self.store.next_offsets()
         self._poison = {k: v for k, v in self._poison.items() if k[1] >= durable.get(k[0], 0)}
         self._poison_counted &= self._poison.keys()
-        self.metrics.store_chunks.set(len(self.store.chunks()))
+        self.metrics.store_chunks.set(self.store.sealed_count)
         log.info("sealed chunk(s) %s (%d rows)", [c.id for c in sealed],
                  sum(c.rows for c in sealed))
         self._commit()

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.ipc as ipc
 
 from daemon.messages import Rejection
 from daemon.speech_messages import SpeechSample, parse_speech_message
@@ -165,32 +164,32 @@ def speech_sets(new: Sequence[str | Path], old: Sequence[str | Path], budget: in
     """New, replay ("all") and validation SequenceData of speech chunk files, resident.
 
     Speech data cannot stream from the memory-mapped chunks yet (the trainer's
-    `SequenceData` is padded tensors), so all three must fit ``budget`` together; that is
-    checked from the audio lengths before any MFCC is computed. None when the new chunks
+    `SequenceData` is padded tensors), so replay and validation must fit ``budget``
+    together (the new set is a view of the replay set's first rows); that is checked from
+    the audio lengths before any MFCC is computed. None when the new chunks
     have no training rows or no chunk has validation rows.
 
     Raises:
-        ReplayBudgetError: the three sets need more than ``budget`` bytes.
+        ReplayBudgetError: the sets need more than ``budget`` bytes.
     """
+    from daemon.store import _read_ipc
+
     tables = [_read_ipc(Path(p)) for p in list(new) + list(old)]
-    new_tables = tables[:len(new)]
-    if _rows(new_tables, "train") == 0 or _rows(tables, "val") == 0:
+    new_rows = _rows(tables[:len(new)], "train")
+    if new_rows == 0 or _rows(tables, "val") == 0:
         return None
-    roles = {"val": (tables, "val"), "all": (tables, "train"), "new": (new_tables, "train")}
-    need = {k: speech_resident_bytes(t, split) for k, (t, split) in roles.items()}
+    need = {split: speech_resident_bytes(tables, split) for split in ("train", "val")}
     if sum(need.values()) > budget:
         raise ReplayBudgetError(
             f"the speech data of this update needs {sum(need.values()):,} bytes resident "
-            f"(new {need['new']:,}, replay {need['all']:,}, validation {need['val']:,}), over "
-            f"the replay budget of {budget:,} bytes; speech data cannot stream from the "
-            f"chunk files yet: raise GNPD_TRAIN__REPLAY_MEMORY_BYTES")
-    return {k: speech_training_data(t, split) for k, (t, split) in roles.items()}
+            f"(replay {need['train']:,}, validation {need['val']:,}), over the replay budget "
+            f"of {budget:,} bytes; speech data cannot stream from the chunk files yet: raise "
+            f"GNPD_TRAIN__REPLAY_MEMORY_BYTES")
+    replay = speech_training_data(tables, "train")
+    # the new chunks come first, so their training rows lead the replay set: a view, no copy
+    return {"val": speech_training_data(tables, "val"), "all": replay,
+            "new": replay.subset(slice(0, new_rows))}
 
 
 def _rows(tables: Sequence[pa.Table], split: str) -> int:
     return sum(int(pc.sum(pc.equal(t["split"], split)).as_py() or 0) for t in tables)
-
-
-def _read_ipc(path: Path) -> pa.Table:
-    with pa.memory_map(str(path), "r") as source:  # MFCCs are computed from the map
-        return ipc.open_file(source).read_all()

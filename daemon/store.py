@@ -472,6 +472,11 @@ class ChunkStore:
         with self._lock:
             return list(self._chunks)
 
+    @property
+    def sealed_count(self) -> int:
+        """How many chunks :meth:`chunks` lists (without copying the list)."""
+        return len(self._chunks)
+
     def read_table(self, chunk_ids: Iterable[int] | None = None) -> pa.Table:
         """All columns of the given sealed chunks (default all) as one Arrow table."""
         tables = [_read_ipc(c.path) for c in self._select(chunk_ids)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -25,7 +24,7 @@ from daemon.ingest import Ingestor
 from daemon.metrics import Metrics
 from daemon.settings import KafkaSettings
 from daemon.store import ChunkStore
-from tests.daemon.test_ingest import read_all
+from tests.daemon.test_ingest import _manifest_rows, read_all
 
 SHAPE = (4,)
 CLASSES = 3
@@ -167,14 +166,6 @@ WORKER = textwrap.dedent("""
                           poll_timeout_ms=50)
     Ingestor(kafka, store, input_shape=(4,), num_classes=3).run()
 """)
-
-
-def _manifest_rows(store_dir: Path) -> int:
-    try:
-        doc = json.loads((store_dir / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return sum(c["rows"] for c in doc["chunks"])
 
 
 @pytest.mark.integration
