@@ -30,6 +30,7 @@ Writes docs/results/predict_latency.{md,json} with the machine's load average.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -233,30 +234,30 @@ def run(args: argparse.Namespace) -> dict:
             script = Path(tmp) / "predict.lua"
             script.write_text(LUA.replace("BODY", body).replace("{EXPECTED}", expected))
             _wrk(server.url, script, 1, 2)  # warm-up
-            for training in (False, True):
-                for conns in args.connections:
-                    trainer = update.start() if training else None
-                    child = trainer.child_pid if trainer is not None else None
-                    swaps0, load0 = swapper.swaps, os.getloadavg()[0]
-                    cpu0, child0 = sum(os.times()[:2]), cpu_seconds(child)
-                    try:
-                        row = _wrk(server.url, script, conns, args.seconds)
-                        row["server_cpu_s"] = sum(os.times()[:2]) - cpu0
-                        row["train_cpu_s"] = cpu_seconds(child) - child0 if child else None
-                    finally:
-                        if trainer is not None:
-                            trainer.stop()
-                    row.update(training=training, swaps=swapper.swaps - swaps0,
-                               load_average_1m_before=load0,
-                               load_average_1m_after=os.getloadavg()[0])
-                    print(f"{conns:>3} connections, training {training}: "
-                          f"{row['requests_per_s']:,.0f} req/s p50 {row['p50_ms']:.2f} ms "
-                          f"p99 {row['p99_ms']:.2f} ms cpu/request "
-                          f"{1e6 * row['server_cpu_s'] / max(row['requests'], 1):.0f} us "
-                          f"failed {row['failed']} mixed "
-                          f"{row['mixed_version']} (load {row['load_average_1m_after']:.1f})",
-                          file=sys.stderr)
-                    rows.append(row)
+            for run_no, training, conns in itertools.product(
+                    range(1, args.repeats + 1), (False, True), args.connections):
+                trainer = update.start() if training else None
+                child = trainer.child_pid if trainer is not None else None
+                swaps0, load0 = swapper.swaps, os.getloadavg()[0]
+                cpu0, child0 = sum(os.times()[:2]), cpu_seconds(child)
+                try:
+                    row = _wrk(server.url, script, conns, args.seconds)
+                    row["server_cpu_s"] = sum(os.times()[:2]) - cpu0
+                    row["train_cpu_s"] = cpu_seconds(child) - child0 if child else None
+                finally:
+                    if trainer is not None:
+                        trainer.stop()
+                row.update(run=run_no, training=training, swaps=swapper.swaps - swaps0,
+                           load_average_1m_before=load0,
+                           load_average_1m_after=os.getloadavg()[0])
+                print(f"run {run_no}, {conns:>3} connections, training {training}: "
+                      f"{row['requests_per_s']:,.0f} req/s p50 {row['p50_ms']:.2f} ms "
+                      f"p99 {row['p99_ms']:.2f} ms cpu/request "
+                      f"{1e6 * row['server_cpu_s'] / max(row['requests'], 1):.0f} us "
+                      f"failed {row['failed']} mixed "
+                      f"{row['mixed_version']} (load {row['load_average_1m_after']:.1f})",
+                      file=sys.stderr)
+                rows.append(row)
             update.store.close()
     finally:
         swapper.halt.set()
@@ -265,6 +266,7 @@ def run(args: argparse.Namespace) -> dict:
     batch = metrics.registry.get_sample_value
     passes = batch("gnp_predict_batch_rows_count") or 0
     return {"rows": rows, "seconds": args.seconds, "swap_every_s": args.swap_every,
+            "repeats": args.repeats,
             "train": {"nice": update.policy.nice, "torch_threads": update.policy.torch_threads,
                       "schedule": str(update.policy.schedule)},
             "serve": serve.model_dump(
@@ -306,18 +308,42 @@ def _verdict(r: dict) -> str:
 
 
 def _table(report: dict) -> str:
-    head = ("| connections | update training | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | "
-            "requests | failed | mixed-version | swaps | server CPU per request | "
+    head = ("| run | connections | update training | req/s | p50 ms | p90 ms | p99 ms | "
+            "p99.9 ms | requests | failed | mixed-version | swaps | server CPU per request | "
             "training child CPU s | load avg (1 min) after | target |\n"
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     lines = [head] + [
-        f"| {r['connections']} | {'yes' if r['training'] else 'no'} | "
+        f"| {r.get('run', 1)} | {r['connections']} | {'yes' if r['training'] else 'no'} | "
         f"{r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
         f"{r['p99_ms']:.2f} | {r['p99.9_ms']:.2f} | {r['requests']:,} | "
         f"{r['failed'] + r['socket_errors']} | {r['mixed_version']} | {r['swaps']} | "
         f"{1e6 * r['server_cpu_s'] / max(r['requests'], 1):,.0f} µs | "
         f"{_train_cpu(r)} | {r['load_average_1m_after']:.1f} | {_verdict(r)} |"
         for r in report["rows"]]
+    return "\n".join(lines)
+
+
+def _summary(report: dict) -> str:
+    """One line per configuration over its runs: medians, ranges, and how often the
+    target was met."""
+    head = ("| connections | update training | runs | req/s median (min-max) | "
+            "p99 ms median (min-max) | failed | mixed-version | target met |\n"
+            "|---:|---|---:|---|---|---:|---:|---|")
+    groups: dict[tuple[int, bool], list[dict]] = {}
+    for r in report["rows"]:
+        groups.setdefault((r["training"], r["connections"]), []).append(r)
+    lines = [head]
+    for (training, conns), rows in sorted(groups.items()):
+        rps = [r["requests_per_s"] for r in rows]
+        p99 = [r["p99_ms"] for r in rows]
+        met = sum(_verdict(r).startswith("met") for r in rows)
+        lines.append(
+            f"| {conns} | {'yes' if training else 'no'} | {len(rows)} | "
+            f"{np.median(rps):,.0f} ({min(rps):,.0f}-{max(rps):,.0f}) | "
+            f"{np.median(p99):.2f} ({min(p99):.2f}-{max(p99):.2f}) | "
+            f"{sum(r['failed'] + r['socket_errors'] for r in rows)} | "
+            f"{sum(r['mixed_version'] for r in rows)} | "
+            f"{f'{met} of {len(rows)} runs' if conns in TARGETS else ''} |")
     return "\n".join(lines)
 
 
@@ -344,7 +370,14 @@ training child (`python -m daemon.trainproc`: niceness +{report['train']['nice']
 5,000-sample chunks of random data from scratch; each row waits until the child trains,
 and stops it (SIGTERM) at the end of the row; "training child CPU s" is the CPU time the
 child used during the row (of {report['seconds']:.0f} s on {m['cpus']} CPUs). Latency is wrk's, request sent to response
-received.
+received. The whole set of rows ran {report.get('repeats', 1)} time(s), one after the other
+(runs 1, 2, ...): the machine's noise shows as the spread between runs.
+
+Summary per configuration:
+
+{_summary(report)}
+
+Every row:
 
 {_table(report)}
 
@@ -357,25 +390,30 @@ depends much less than wall-clock figures on how busy the rest of the machine is
 at all on waiting for a core, somewhat on sharing one); one core serves at most 1 s / that. Serving settings: {s}; the dynamic batcher averaged
 {f'{mean:.1f}' if mean else 'n/a'} instances per forward pass over the whole run.
 
-**The machine is shared and loaded**: {m['cpus']} CPUs ({m['cpu']}) shared with other
-engineers' jobs and a long experiment; load average (1, 5, 15 min)
-{', '.join(f'{v:.1f}' for v in lb)} before the run and {', '.join(f'{v:.1f}' for v in la)}
-after; the 1-minute figure after each row is in the table. wrk, the server and the trainer
-also share those 2 CPUs. The figures are below what a quiet machine gives. Targets: at 32
+**The machine**: {m['cpus']} CPUs ({m['cpu']}), shared with other engineers' jobs when
+there are any; load average (1, 5, 15 min) {', '.join(f'{v:.1f}' for v in lb)} before the
+run and {', '.join(f'{v:.1f}' for v in la)} after; the 1-minute figure after each row is in
+the table. wrk, the server and the trainer share those {m['cpus']} CPUs. Targets: at 32
 connections >= 2,000 req/s with p99 <= 25 ms; at 8 connections p99 <= 10 ms; 0 failed
 and 0 mixed-version answers.
 
 What limits it here (one-off profiles while building it, same machine and load): the
 server's CPU per request (table) is HTTP handling, JSON parsing (orjson, then a
-`np.fromiter` fast path for flat rows) and the share of a batched forward pass. The p99
-at 32 connections was once ~100 ms while p90 was ~21 ms: timing every garbage collection
-(`gc.callbacks`) during a 32-connection run showed full (generation 2) collections of
-110-310 ms, each stalling every request in flight, while the swaps themselves cost
-little (without swaps the p99 stayed as high). The daemon now moves the objects it
-builds at start-up out of the collector's reach once started (`gc.freeze`,
-`daemon.serving.freeze_heap`; this benchmark calls it at the same point); full
-collections then took under 1 ms. The training child runs at a lower CPU priority
-(`GNPD_TRAIN__NICE`) so that serving gets a busy core first.
+`np.fromiter` fast path for flat rows) and the share of a batched forward pass. At 32
+connections the HTTP thread holds the GIL ~90% of the time (`py-spy record --gil`), so
+its Python time per request sets the request rate; of that time JSON parsing took ~45%
+and the two socket writes of each response (uvicorn writes the head and the body
+separately) ~20%. A classifier's predict is therefore answered by a bare ASGI handler in
+front of FastAPI's middleware and routing (`daemon.serving._App`), with uvicorn's proxy
+headers off; the rest of the API stays FastAPI. The p99 at 32 connections was once
+~100 ms while p90 was ~21 ms: timing every garbage collection (`gc.callbacks`) during a
+32-connection run showed full (generation 2) collections of 110-310 ms, each stalling
+every request in flight, while the swaps themselves cost little (without swaps the p99
+stayed as high). The daemon now moves the objects it builds at start-up out of the
+collector's reach once started (`gc.freeze`, `daemon.serving.freeze_heap`; this
+benchmark calls it at the same point); full collections then took under 1 ms. The
+training child runs at a lower CPU priority (`GNPD_TRAIN__NICE`) so that serving gets a
+busy core first.
 
 {m['platform']}, Python {m['python']}, torch {m['torch']} ({m['torch_threads']} intra-op
 thread(s) in the server). Command (from the repository root), run {report['when']}:
@@ -389,13 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="per configuration")
     p.add_argument("--connections", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--swap-every", type=float, default=0.5, help="seconds between swaps")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of the whole set of rows (the spread shows the noise)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
         return 2
     report = run(args)
-    print(_table(report))
+    print(_summary(report))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "predict_latency.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "predict_latency.md").write_text(_markdown(report))

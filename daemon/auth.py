@@ -22,11 +22,36 @@ from collections.abc import Awaitable, Callable
 from fastapi import HTTPException, Request, status
 from pydantic import SecretStr
 
-__all__ = ["OPEN_PATHS", "require_token"]
+__all__ = ["OPEN_PATHS", "UNAUTHORIZED_DETAIL", "bearer_check", "require_token"]
 
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
 
 Dependency = Callable[[Request], Awaitable[None]]
+
+
+UNAUTHORIZED_DETAIL = ("missing or wrong bearer token: send 'Authorization: Bearer <token>' "
+                       "with the value of GNPD_SERVE__API_TOKEN")
+
+
+def bearer_check(token: SecretStr | str | None) -> Callable[[str], bool] | None:
+    """``authorization header value -> allowed``, or None when the API is open.
+
+    For code that reads headers itself (the predict fast path of daemon.serving); the
+    routes use :func:`require_token`, which applies the same check.
+    """
+    if token is None:
+        return None
+    secret = token.get_secret_value() if isinstance(token, SecretStr) else token
+    if not secret:
+        raise ValueError("the API token is empty: pass None for an open API")
+    expected = _digest(secret)
+
+    def allowed(authorization: str) -> bool:
+        scheme, _, given = authorization.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(_digest(given.strip()),
+                                                                  expected)
+
+    return allowed
 
 
 def require_token(token: SecretStr | str | None) -> Dependency:
@@ -35,24 +60,17 @@ def require_token(token: SecretStr | str | None) -> Dependency:
     Args:
         token: the expected token; None lets every request through (the API is open).
     """
-    if token is None:
+    allowed = bearer_check(token)
+    if allowed is None:
         async def open_api(request: Request) -> None:
             return None
 
         return open_api
-    secret = token.get_secret_value() if isinstance(token, SecretStr) else token
-    if not secret:
-        raise ValueError("the API token is empty: pass None for an open API")
-    expected = _digest(secret)
 
     async def check_token(request: Request) -> None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(_digest(given.strip()),
-                                                                 expected):
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"},
-                detail="missing or wrong bearer token: send 'Authorization: Bearer <token>' "
-                       "with the value of GNPD_SERVE__API_TOKEN")
+        if not allowed(request.headers.get("authorization", "")):
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail=UNAUTHORIZED_DETAIL,
+                                headers={"WWW-Authenticate": "Bearer"})
 
     return check_token
 

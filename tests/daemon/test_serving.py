@@ -442,3 +442,46 @@ def test_freeze_heap_keeps_start_up_objects_off_the_collector_and_frees_garbage_
     finally:
         gc.unfreeze()
     assert any(o is live for o in gc.get_objects())
+
+
+def test_the_predict_fast_path_answers_exactly_as_the_fastapi_route() -> None:
+    """A classifier's predict skips FastAPI (daemon.serving._App); the route stays for the
+    docs and speech. Both must give the same status, body and headers for every kind of
+    request: good JSON and .npy, each bad body, an over-limit body, a wrong token."""
+    import io
+
+    token = "0123456789abcdef-fast-path"
+    serve = ServeSettings(api_token=token, max_body_bytes=256 * 1024)
+    served = ServedModel(SHAPE)
+    torch.manual_seed(0)
+    x = np.random.default_rng(1).random((3, 64), dtype=np.float32)
+    npy = io.BytesIO()
+    np.save(npy, x)
+    good = {"authorization": f"Bearer {token}"}
+    requests = [(b'{"instances": %s}' % str(x.tolist()).encode(), "application/json", good),
+                (npy.getvalue(), "application/x-npy", good),
+                (b'{"instances": [[0.5]]}', "application/json", {}),
+                (b'{"instances": [[0.5]]}', "application/json",
+                 {"authorization": f"Basic {token}"}),
+                (b"[" * (512 * 1024), "application/json", good)]
+    requests += [(body, "application/json", good) for body, _ in _BAD.values()]
+    answers = []
+    for fast in (True, False):
+        app = create_app(served, Metrics(), serve=serve)
+        assert app.predict_fast_path is not None
+        if not fast:
+            app.predict_fast_path = None  # every request through FastAPI and the route
+        with HttpServer(app, "127.0.0.1", 0) as srv, httpx.Client(base_url=srv.url,
+                                                                  timeout=10) as client:
+            if fast:
+                assert client.post("/v1/predict", content=requests[0][0],
+                                   headers=good).status_code == 503  # no model yet
+                served.publish(gnp.build_model("lenet-300-100", SHAPE, 10), _version(1))
+            answers.append([(r.status_code, r.json(), r.headers.get("www-authenticate"),
+                             r.headers["content-type"])
+                            for body, kind, headers in requests
+                            for r in [client.post("/v1/predict", content=body,
+                                                  headers={**headers, "content-type": kind})]])
+    fast, routed = answers
+    assert [a[0] for a in fast] == [200, 200, 401, 401, 413] + [400] * len(_BAD)
+    assert fast == routed
