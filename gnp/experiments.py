@@ -165,9 +165,9 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
     task = _task(ds)
     if args.split == "speakers":
         return speaker_protocol(args, ds, schedule, device, lambda rows: _write_json(out, args, rows), log)
-    rows: list[Row] = []
+    rows, done = _resumed(args, out, log) if args.resume else ([], {})
     bar = tqdm(total=len(args.seeds) * min(args.chunks, args.stop_after or args.chunks) * len(methods), unit="update",
-               file=sys.stderr, disable=args.no_progress)
+               file=sys.stderr, disable=args.no_progress, initial=len(rows))
     for seed in args.seeds:
         train = ds.train
         if args.train_size is not None:  # a reduced run: a fixed random subset of the training set
@@ -178,8 +178,10 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
         chunks, val = incremental_split(train, args.chunks, val_size, seed=seed)
         carry: dict[str, torch.nn.Module | None] = {m: None for m in methods}
         build = lambda: build_model(args.model, ds.input_shape, ds.num_classes)  # noqa: E731
-        first = first_chunks(args)  # the first model learns this many chunks at once
-        for k in range(first, min(len(chunks), args.stop_after or len(chunks)) + 1):
+        first = start = first_chunks(args)  # the first model learns this many chunks at once
+        if seed in done:
+            start, carry = done[seed]["chunk"] + 1, done[seed]["carry"]
+        for k in range(start, min(len(chunks), args.stop_after or len(chunks)) + 1):
             all_data = type(chunks[0]).concat(chunks[:k])
             new = all_data if k == first else chunks[k - 1]
             for method in methods:
@@ -203,14 +205,75 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
                 if args.save_models:
                     _save_models(out / "models", method, r)
                 _write_json(out, args, rows)  # after every update: a crash loses at most one
+            _checkpoint(out, seed, k, carry)  # every method has learnt chunk k: --resume here
     bar.close()
     return rows
 
 
+# Arguments a resumed run may change: how far it goes, what it shows, where it runs.
+_RESUMABLE_CHANGES = {"stop_after", "no_progress", "resume", "device", "argv"}
+
+
+def _checkpoint_path(out: Path, seed: int) -> Path:
+    return out / "checkpoints" / f"seed{seed}.pt"
+
+
+def _checkpoint(out: Path, seed: int, chunk: int, carry: dict) -> None:
+    """What every method carries into the next chunk, after all of them learnt ``chunk``.
+
+    The whole modules are pickled (masks, unit masks and whatever else a policy keeps on
+    them), so a resumed run starts exactly where this one was: each update is seeded by
+    (seed, chunk) alone, and its results are those of a run that never stopped.
+    """
+    path = _checkpoint_path(out, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save({"chunk": chunk, "carry": carry}, tmp)
+    tmp.replace(path)
+
+
+def _arguments(args: argparse.Namespace) -> dict:
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "argv"},
+                                 default=str))
+
+
+def _resumed(args: argparse.Namespace, out: Path, log) -> tuple[list[Row], dict[int, dict]]:
+    """The rows and checkpoints of an earlier run into ``out`` with the same arguments.
+
+    Each seed goes on after the last chunk that every method finished (its checkpoint);
+    rows after that are dropped and computed again. Raises ValueError when the earlier
+    run's arguments differ in anything but :data:`_RESUMABLE_CHANGES`.
+    """
+    path = out / "results.json"
+    if not path.exists():
+        log(f"--resume: no {path} yet, starting from the first chunk")
+        return [], {}
+    doc = json.loads(path.read_text())
+    before, now = doc.get("args", {}), _arguments(args)
+    differ = sorted(k for k in set(before) | set(now)
+                    if k not in _RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    if differ:
+        raise ValueError(f"--resume: {out} holds a run with other arguments ("
+                         + ", ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now"
+                                     for k in differ) + "); use another --out")
+    done = {}
+    for seed in args.seeds:
+        ckpt = _checkpoint_path(out, seed)
+        if ckpt.exists():
+            done[seed] = torch.load(ckpt, weights_only=False)
+    rows = [Row(**r) for r in doc["rows"]
+            if r["seed"] in done and r["chunk"] <= done[r["seed"]]["chunk"]]
+    for seed in args.seeds:
+        log(f"--resume: seed {seed} " + (f"goes on after chunk {done[seed]['chunk']}"
+                                         if seed in done else "starts from the first chunk"))
+    return rows, done
+
+
 def _write_json(out: Path, args: argparse.Namespace, rows: list[Row]) -> None:
+    argv = [a for a in args.argv if a != "--resume"]  # the same rows without stopping
     doc = {
-        "command": "python -m gnp.experiments " + " ".join(shlex.quote(a) for a in args.argv),
-        "args": {k: v for k, v in vars(args).items() if k != "argv"},
+        "command": "python -m gnp.experiments " + " ".join(shlex.quote(a) for a in argv),
+        "args": _arguments(args),
         "schedule": _schedule_doc(schedule_of(args)),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "cpus": torch.get_num_threads(),
@@ -281,6 +344,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds (default 0)")
     p.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the run already in --out (same arguments; --stop-after and "
+                        "--device may change) from the last chunk every method finished")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.argv = argv
@@ -300,6 +366,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "--dataset digits runs anywhere")
     if args.dataset in SPEECH_DATASETS and not args.data_dir:
         p.error(f"--dataset {args.dataset} needs --data-dir, the directory of its WAV files")
+    if args.resume and args.split == "speakers":
+        p.error("--resume is not supported with --split speakers yet")
     if args.split == "speakers" and args.dataset not in SPEECH_DATASETS:
         p.error("--split speakers needs a speech data set (fsdd)")
     if args.first_fraction is not None and not 0 < args.first_fraction <= 1:
@@ -315,7 +383,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = run_protocol(args, args.out)
+    try:
+        rows = run_protocol(args, args.out)
+    except ValueError as e:
+        if not str(e).startswith("--resume"):
+            raise
+        print(e, file=sys.stderr)
+        return 2
     from gnp.report import write_report  # matplotlib only when writing the report
     write_report(args.out, rows)
     print(f"wrote {args.out}/results.json, results.md, results.png")

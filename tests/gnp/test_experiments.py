@@ -113,3 +113,32 @@ def test_report_merges_seeds_run_apart_only_from_the_same_protocol(tmp_path):
     assert "±" in md and "separate processes" in md
     with pytest.raises(ValueError, match="methods"):
         merge_seeds(first, other)
+
+
+def test_a_stopped_run_resumes_where_it_stopped_with_the_same_results(tmp_path, capsys):
+    """--resume goes on from the last chunk every method finished (checkpointed carries)
+    and gives the rows of a run that never stopped."""
+    common = ["--dataset", "digits", "--chunks", "3", "--methods", "ours,nft,cgap", "--quick",
+              "--device", "cpu", "--no-progress"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main([*common, "--out", str(whole)]) == 0
+    assert main([*common, "--out", str(parts), "--stop-after", "2"]) == 0
+    assert (parts / "checkpoints" / "seed0.pt").exists()
+    first = json.loads((parts / "results.json").read_text())["rows"]
+    assert {r["chunk"] for r in first} == {1, 2}
+    assert main([*common, "--out", str(parts), "--resume"]) == 0
+    assert "seed 0 goes on after chunk 2" in capsys.readouterr().out
+
+    def rows(folder):
+        doc = json.loads((folder / "results.json").read_text())
+        return doc, [{k: v for k, v in r.items() if k != "wall_seconds"} for r in doc["rows"]]
+
+    (doc_whole, expected), (doc_parts, resumed) = rows(whole), rows(parts)
+    assert [(r["chunk"], r["method"]) for r in resumed] == [
+        (k, m) for k in (1, 2, 3) for m in ("ours", "nft", "cgap")]
+    assert resumed == expected
+    assert "--resume" not in doc_parts["command"]  # the command that gives these rows
+    # Other arguments: refused, nothing overwritten.
+    assert main([*common, "--out", str(parts), "--resume", "--incremental-lr", "0.05"]) == 2
+    assert "other arguments" in capsys.readouterr().err
+    assert json.loads((parts / "results.json").read_text())["rows"] == doc_parts["rows"]
