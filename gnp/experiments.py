@@ -150,6 +150,8 @@ def schedule_of(args: argparse.Namespace) -> Schedule:
     s = replace(s, train=replace(s.train, augment=augment))
     if args.incremental_lr is not None:
         s = replace(s, incremental_lr=args.incremental_lr or None)
+    if args.alpha is not None:
+        s = replace(s, alpha=args.alpha)
     if args.unit_seed is not None:
         s = replace(s, unit_seed=args.unit_seed)
     if args.unit_growth is not None:
@@ -334,6 +336,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="affine distortions; auto = the per-data-set choice (AUGMENT_DEFAULT)")
     p.add_argument("--incremental-lr", type=float, default=None,
                    help="peak lr when updating a trained model, ours and nft (0: the training lr)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="growth percentile: dormant connections whose |grad| is at or above "
+                        "it grow (default Schedule.alpha, 50; the paper: 30..50); higher "
+                        "grows fewer (ablations)")
     p.add_argument("--unit-seed", type=float, default=None,
                    help="cgap: share of each layer's units in the seed (default Schedule.unit_seed)")
     p.add_argument("--unit-growth", type=float, default=None,
@@ -357,6 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [m for m in args.methods.split(",") if m not in METHODS]
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {sorted(METHODS)}")
+    if args.alpha is not None and not 0 <= args.alpha <= 100:
+        p.error(f"--alpha is a percentile in [0, 100], got {args.alpha}")
     if args.chunks < 1:
         p.error(f"--chunks must be >= 1, got {args.chunks}")
     if args.train_size is not None and args.train_size < 2 * args.chunks:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from gnp.experiments import main
+from gnp.experiments import main, parse_args, schedule_of
 from gnp.report import aggregate, claims, markdown_table
 
 
@@ -74,6 +74,8 @@ def test_bad_arguments_are_rejected():
         main(["--chunks", "0", "--out", "x", "--dataset", "digits"])
     with pytest.raises(SystemExit):
         main(["--seeds", "0,zero", "--out", "x", "--dataset", "digits"])
+    with pytest.raises(SystemExit):
+        main(["--alpha", "120", "--out", "x", "--dataset", "digits"])
     with pytest.raises(SystemExit):  # MNIST is never downloaded: a directory is required
         main(["--dataset", "mnist", "--out", "x"])
 
@@ -142,3 +144,9 @@ def test_a_stopped_run_resumes_where_it_stopped_with_the_same_results(tmp_path, 
     assert main([*common, "--out", str(parts), "--resume", "--incremental-lr", "0.05"]) == 2
     assert "other arguments" in capsys.readouterr().err
     assert json.loads((parts / "results.json").read_text())["rows"] == doc_parts["rows"]
+
+
+def test_alpha_sets_the_growth_percentile_and_is_recorded():
+    args = parse_args(["--alpha", "80", "--out", "x", "--dataset", "digits"])
+    assert schedule_of(args).alpha == 80.0
+    assert schedule_of(parse_args(["--out", "x", "--dataset", "digits"])).alpha == 50.0
