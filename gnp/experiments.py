@@ -152,6 +152,8 @@ def schedule_of(args: argparse.Namespace) -> Schedule:
         s = replace(s, incremental_lr=args.incremental_lr or None)
     if args.alpha is not None:
         s = replace(s, alpha=args.alpha)
+    if args.shrink is not None:
+        s = replace(s, shrink=args.shrink)
     if args.unit_seed is not None:
         s = replace(s, unit_seed=args.unit_seed)
     if args.unit_growth is not None:
@@ -340,6 +342,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="growth percentile: dormant connections whose |grad| is at or above "
                         "it grow (default Schedule.alpha, 50; the paper: 30..50); higher "
                         "grows fewer (ablations)")
+    p.add_argument("--shrink", type=float, default=None,
+                   help="shrink and perturb before each update of a trained model (ours, nft, "
+                        "cgap alike): weights x this + N(0, 0.01^2) on active weights; an "
+                        "ablation (default off, as the paper)")
     p.add_argument("--unit-seed", type=float, default=None,
                    help="cgap: share of each layer's units in the seed (default Schedule.unit_seed)")
     p.add_argument("--unit-growth", type=float, default=None,
@@ -365,6 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown method(s) {bad}; choose from {sorted(METHODS)}")
     if args.alpha is not None and not 0 <= args.alpha <= 100:
         p.error(f"--alpha is a percentile in [0, 100], got {args.alpha}")
+    if args.shrink is not None and not 0 < args.shrink <= 1:
+        p.error(f"--shrink must be in (0, 1], got {args.shrink}")
     if args.chunks < 1:
         p.error(f"--chunks must be >= 1, got {args.chunks}")
     if args.train_size is not None and args.train_size < 2 * args.chunks:

@@ -104,3 +104,44 @@ def test_nonrecoverable_export_is_smaller_and_separate(digits):
     ref, w = sample_scores(r.model, val)
     new, _ = sample_scores(r.compact, val)
     assert recovered(ref, new, w, tolerance=0.02, z=SMALL.prune.noise_z)
+
+
+def test_shrink_perturb_scales_weights_and_perturbs_only_active_connections():
+    from gnp.masks import Masks
+    from gnp.policies import shrink_perturb
+
+    model = _build()
+    masks = Masks.attach(model)
+    layer = next(iter(masks))
+    layer.mask[:, ::2] = False
+    with torch.no_grad():
+        layer.weight.mul_(layer.mask)  # a pruned model: masked weights at zero
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    shrink_perturb(model, 0.5, 0.0, torch.Generator().manual_seed(0))
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n] * 0.5)
+    shrink_perturb(model, 1.0, 0.01, torch.Generator().manual_seed(0))
+    delta = layer.weight - before[f"{layer.name}.weight"] * 0.5
+    assert torch.all(delta[~layer.mask] == 0) and torch.all(layer.weight[~layer.mask] == 0)
+    assert 0.005 < delta[layer.mask].std() < 0.02
+    biases = [n for n in before if n.endswith("bias")]
+    assert all(torch.equal(dict(model.named_parameters())[n], before[n] * 0.5) for n in biases)
+    with pytest.raises(ValueError):
+        shrink_perturb(model, 0.0, 0.01, torch.Generator())
+
+
+def test_shrink_applies_to_updates_of_a_trained_model_only(digits):
+    ds, chunks, val = digits
+    small = replace(SMALL, new_epochs=0, all_epochs=0, baseline_epochs=1,
+                    prune=gnp.PruneConfig(max_iterations=0))
+    first = update("nft", None, new=chunks[0], all=chunks[0], val=val, schedule=small,
+                   build=_build, device="cpu", seed=1)
+    plain = update("nft", first.carry, new=chunks[1], all=chunks[1], val=val,
+                   schedule=small, device="cpu", seed=2)
+    shrunk = update("nft", first.carry, new=chunks[1], all=chunks[1], val=val,
+                    schedule=replace(small, shrink=0.5), device="cpu", seed=2)
+    fresh = update("nft", None, new=chunks[0], all=chunks[0], val=val, build=_build,
+                   schedule=replace(small, shrink=0.5), device="cpu", seed=1)
+    w = lambda r: r.model.fc1.weight  # noqa: E731
+    assert torch.equal(w(fresh), w(first))  # training from scratch: nothing to shrink
+    assert not torch.allclose(w(plain), w(shrunk))
