@@ -9,6 +9,10 @@ replay, validation) over those tensors, with the rows of the role's split select
 index. gnp makes a data set resident on the training device only while it fits the replay
 budget (``GNPD_TRAIN__REPLAY_MEMORY_BYTES``, one budget for all three, validation first);
 the rest streams from the memory maps batch by batch. Nothing is left out for memory.
+
+Speech chunks hold raw audio, not features: their MFCCs are cached per chunk in the
+store and read back the same way, memory-mapped and zero-copy, as the parts of a
+``gnp.sequences.ChunkedSequenceData`` (:func:`daemon.speech_store.speech_sets`).
 """
 
 from __future__ import annotations

@@ -361,7 +361,8 @@ class TrainSettings(_Section):
     replay_memory_bytes: int = Field(
         2 * 2**30, gt=0, description="samples the training child keeps resident on its "
                                      "device (validation, then replay, then new data); a data "
-                                     "set beyond it streams from the memory-mapped chunks")
+                                     "set beyond it streams from the memory-mapped chunks "
+                                     "(speech: from the store's MFCC cache)")
     augment: bool = Field(
         False, description="random affine distortions of image samples while training (off: "
                            "measured worse on Fashion-MNIST; the paper used them for MNIST)")

@@ -7,13 +7,17 @@ there is no pickling of the daemon's objects, no re-import of the daemon's ``__m
 (pytest, ``gnpd``), no resource tracker, and the daemon can SIGTERM/SIGKILL it like any
 process. Ingest and serving keep their own GIL, memory and crash domain.
 
-The child opens the store read-only (the manifest, then each chunk memory-mapped; it
-takes no lock: the daemon holds it), verifies every chunk's checksum, trains with
+The child reads the store without changing it (the manifest, then each chunk
+memory-mapped; it takes no lock: the daemon holds it), verifies every chunk's checksum, trains with
 ``gnp.update`` on every usable chunk (resident within the replay budget, streamed from
-the memory maps beyond it: :mod:`daemon.replay`), evaluates the reference versions (served, head, recent ones) on the same
-validation set (for a speech model: CTC, the metric 1 - WER, and speech chunks made
-resident as MFCCs within the same budget, :func:`daemon.speech_store.speech_sets`), writes ``candidate.safetensors`` (temp file + rename) and
-``result.json``, and exits with one of the ``EXIT_*`` codes. It dies with its parent
+the memory maps beyond it: :mod:`daemon.replay`), evaluates the reference versions
+(served, head, recent ones) on the same validation set, writes
+``candidate.safetensors`` (temp file + rename) and ``result.json``, and exits with one
+of the ``EXIT_*`` codes. For a speech model the task is CTC (the metric 1 - WER) and the
+data is MFCCs: the only thing the child writes outside its work folder is the store's
+derived MFCC cache (``<store>/mfcc-cache``, one memory-mapped file per chunk, computed
+once), and the sets are resident within the same budget or stream from that cache
+beyond it (:func:`daemon.speech_store.speech_sets`). It dies with its parent
 (``PR_SET_PDEATHSIG``, and gnp's ``should_stop`` checks the parent between epochs), is
 the first the kernel's OOM killer picks (``oom_score_adj``), and exits at once on SIGTERM.
 """
@@ -134,7 +138,8 @@ class _Stop:
     """``should_stop`` for gnp: the daemon is gone. SIGTERM from the daemon exits at once.
 
     Exiting on SIGTERM at any point is safe: the child writes only into its own work
-    folder (temp file + rename), and the daemon discards that folder after a stop.
+    folder and the store's MFCC cache (temp file + rename, both), and the daemon discards
+    the work folder after a stop.
     """
 
     def __init__(self, parent_pid: int) -> None:
@@ -244,10 +249,10 @@ def _load_data(job: Job) -> tuple[dict[str, Any], Any]:
     if not new_chunks:
         return report, None
     if speech:
-        from daemon.speech_store import speech_sets
+        from daemon.speech_store import MFCC_CACHE, speech_sets
 
-        sets = speech_sets([c.path for c in new_chunks], [c.path for c in old_chunks],
-                           job.replay_memory_bytes)
+        sets = speech_sets(new_chunks, old_chunks, job.replay_memory_bytes,
+                           Path(job.store) / MFCC_CACHE)
         if sets is None:
             return report, None
     else:
@@ -263,8 +268,9 @@ def _load_data(job: Job) -> tuple[dict[str, Any], Any]:
     report["samples"] = {"new": len(sets["new"]), "replay": len(sets["all"]), "val": len(sets["val"])}
     streamed = [k for k, r in resident.items() if not r]
     if streamed:
-        log.info("replay memory budget %d bytes: %s streamed from the memory-mapped chunks",
-                 job.replay_memory_bytes, ", ".join(streamed))
+        log.info("replay memory budget %d bytes: %s streamed from the memory-mapped %s",
+                 job.replay_memory_bytes, ", ".join(streamed),
+                 "MFCC cache" if speech else "chunks")
     return report, (placed["new"], placed["all"], placed["val"])
 
 

@@ -6,6 +6,12 @@ sequence *in the batch*. Training batches are length-bucketed: a random order is
 into windows of `BUCKET_BATCHES` batches, each window sorted by length and split
 into batches, and the batches shuffled, so a batch holds sequences of similar
 length (little padding) while an epoch stays a random order.
+
+`ChunkedSequenceData` reads several `SequenceData` parts (e.g. views of memory-mapped
+feature files) as one, without concatenating them: only the lengths are held in memory,
+and each batch is gathered from the parts. It draws the same batches as the
+concatenation and gathers the same values, so a data set can stream or be resident
+(`gnp.data.place`) without changing what is learnt.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SpeechBatch", "SequenceData", "BUCKET_BATCHES", "pad_sequences"]
+__all__ = ["SpeechBatch", "SequenceData", "ChunkedSequenceData", "BUCKET_BATCHES",
+           "pad_sequences"]
 
 BUCKET_BATCHES = 8
 
@@ -43,6 +50,21 @@ def pad_sequences(seqs: list[torch.Tensor], value: float = 0.0) -> tuple[torch.T
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s
     return out, lengths
+
+
+def _bucketed_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator,
+                      fraction: float) -> list[torch.Tensor]:
+    """Length-bucketed batches of a random order of (a `fraction` of) len(lengths) samples;
+    the indices live on `gen`'s device."""
+    n = max(1, int(round(len(lengths) * fraction)))
+    order = torch.randperm(len(lengths), device=gen.device, generator=gen)[:n]
+    lengths = lengths.to(gen.device)
+    batches: list[torch.Tensor] = []
+    for window in order.split(batch_size * BUCKET_BATCHES):
+        window = window[torch.argsort(lengths[window], stable=True)]
+        batches += list(window.split(batch_size))
+    shuffle = torch.randperm(len(batches), device=gen.device, generator=gen).tolist()
+    return [batches[i] for i in shuffle]
 
 
 @dataclass(frozen=True)
@@ -94,15 +116,7 @@ class SequenceData:
     def batch_indices(self, batch_size: int, gen: torch.Generator,
                       fraction: float = 1.0) -> list[torch.Tensor]:
         """Length-bucketed batches of a random order of (a `fraction` of) the samples."""
-        n = max(1, int(round(len(self) * fraction)))
-        order = torch.randperm(len(self), device=gen.device, generator=gen)[:n]
-        lengths = self.lengths.to(gen.device)
-        batches: list[torch.Tensor] = []
-        for window in order.split(batch_size * BUCKET_BATCHES):
-            window = window[torch.argsort(lengths[window], stable=True)]
-            batches += list(window.split(batch_size))
-        shuffle = torch.randperm(len(batches), device=gen.device, generator=gen).tolist()
-        return [batches[i] for i in shuffle]
+        return _bucketed_batches(self.lengths, batch_size, gen, fraction)
 
     def gather(self, index: torch.Tensor | slice, device: torch.device) -> SpeechBatch:
         """The batch at `index` on `device`, cut to its longest sequence and target."""
@@ -138,3 +152,97 @@ class SequenceData:
     def transcripts(self) -> list[str]:
         from gnp.transcripts import decode
         return [decode(row[:n]) for row, n in zip(self.targets.tolist(), self.target_lengths.tolist())]
+
+
+class ChunkedSequenceData:
+    """Several `SequenceData` parts read as one, without concatenating them in memory.
+
+    The parts stay where they are (CPU tensors, possibly views of memory-mapped files,
+    each padded to its own width); only the lengths (N,) are copied. Batches are drawn
+    and gathered exactly as from `SequenceData.concat(parts)`: same indices for the same
+    generator, same values, cut to the batch's longest sequence and target.
+    """
+
+    def __init__(self, parts: list[SequenceData]) -> None:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            raise ValueError("ChunkedSequenceData needs at least one non-empty part")
+        if len({p.feature_dim for p in parts}) != 1:
+            raise ValueError(f"parts disagree on the feature dimension: "
+                             f"{sorted({p.feature_dim for p in parts})}")
+        self.parts = parts
+        self.lengths = torch.cat([p.lengths.cpu() for p in parts])  # (N,)
+        self.target_lengths = torch.cat([p.target_lengths.cpu() for p in parts])  # (N,)
+        self.starts = torch.tensor([0] + [len(p) for p in parts]).cumsum(0)
+        self.groups = sum((p.groups for p in parts), ()) if all(p.groups for p in parts) else ()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the samples take once resident (what `to` allocates: padded to the
+        longest sequence and target of the whole set)."""
+        frames, letters = int(self.lengths.max()), max(int(self.target_lengths.max()), 1)
+        return len(self) * (4 * frames * self.feature_dim + 8 * letters + 16)
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    @property
+    def feature_dim(self) -> int:
+        return self.parts[0].feature_dim
+
+    def batch_indices(self, batch_size: int, gen: torch.Generator,
+                      fraction: float = 1.0) -> list[torch.Tensor]:
+        """Length-bucketed batches, as `SequenceData.batch_indices` of the concatenation."""
+        return _bucketed_batches(self.lengths, batch_size, gen, fraction)
+
+    def _locate(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global indices (B,), part of each (B,)) on the CPU."""
+        if isinstance(index, slice):
+            index = torch.arange(len(self))[index]
+        index = index.cpu()
+        return index, torch.searchsorted(self.starts[1:], index, right=True)
+
+    def gather(self, index: torch.Tensor | slice, device: torch.device) -> SpeechBatch:
+        """The batch at `index` on `device`, cut to its longest sequence and target."""
+        index, part = self._locate(index)
+        lengths, t_len = self.lengths[index], self.target_lengths[index]
+        t_max, l_max = int(lengths.max()), max(int(t_len.max()), 1)
+        first = self.parts[0]
+        x = first.x.new_zeros((len(index), t_max, self.feature_dim))  # (B, T, F)
+        targets = first.targets.new_zeros((len(index), l_max))  # (B, L)
+        for p in part.unique().tolist():
+            at = (part == p).nonzero().squeeze(1)
+            local, src = index[at] - self.starts[p], self.parts[p]
+            # a part is padded to its own longest; rows past a sequence's end are zeros
+            w, lw = min(t_max, src.x.shape[1]), min(l_max, src.targets.shape[1])
+            x[at, :w] = src.x[local, :w]
+            targets[at, :lw] = src.targets[local, :lw]
+        return SpeechBatch(x.to(device, non_blocking=True), lengths.to(device),
+                           targets.to(device), t_len.to(device))
+
+    def to(self, device: torch.device | str) -> SequenceData:
+        """All samples as one resident `SequenceData` on `device`: the one copy."""
+        b = self.gather(slice(None), torch.device(device))
+        return SequenceData(b.x, b.lengths, b.targets, b.target_lengths, self.groups)
+
+    def subset(self, index: torch.Tensor | slice | list[int]) -> "ChunkedSequenceData":
+        """The samples at `index`, in its order, copying nothing: each run of consecutive
+        samples of one part becomes a view of it (a leading slice: one view per part)."""
+        index, part = self._locate(torch.as_tensor(index, dtype=torch.int64)
+                                    if isinstance(index, list) else index)
+        if len(index) == 0:
+            raise ValueError("a subset needs at least one sample")
+        local = index - self.starts[part]
+        # split where the part changes or the rows stop being consecutive
+        cut = ((part[1:] != part[:-1]) | (local[1:] != local[:-1] + 1)).nonzero().squeeze(1) + 1
+        parts = []
+        for run, p in zip(local.tensor_split(cut), part[torch.cat([cut.new_zeros(1), cut])]):
+            parts.append(self.parts[int(p)].subset(slice(int(run[0]), int(run[-1]) + 1)))
+        return ChunkedSequenceData(parts)
+
+    def transcripts(self) -> list[str]:
+        return [t for p in self.parts for t in p.transcripts()]

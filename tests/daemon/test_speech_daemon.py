@@ -90,33 +90,38 @@ def test_a_tampered_speech_chunk_fails_its_checksum(tmp_path):
     store.close()
 
 
-def _worker(tmp_path, store, **policy) -> tuple[UpdateWorker, ServedModel]:
+def _worker(tmp_path, store, served: ServedModel | None = None,
+            **policy) -> tuple[UpdateWorker, ServedModel]:
     registry = ModelRegistry(tmp_path / "models", MODEL, (20,), NUM_SYMBOLS)
-    served = ServedModel((20,))
+    served = served or ServedModel((20,))
     policy = {"device": "cpu", "schedule": TINY, "max_accuracy_drop": 1.0, **policy}
     return UpdateWorker(store, registry, served, Metrics(), UpdatePolicy(**policy)), served
 
 
 @pytest.mark.integration
 def test_the_training_child_learns_speech_chunks_and_keeps_to_the_budget(tmp_path):
+    """Speech over the replay budget streams from the store's MFCC cache instead of being
+    refused; within it, the sets are resident. Both are real updates in the child."""
     store = _store(tmp_path / "store", chunk=24)
     store.append(_speech(range(24)))
-    small, _ = _worker(tmp_path, store, replay_memory_bytes=10_000)
-    refused = small.update_pending()  # speech cannot stream: a clear refusal, not an OOM
-    assert refused.outcome == "infra_error"
-    assert "GNPD_TRAIN__REPLAY_MEMORY_BYTES" in refused.reason, refused.reason
-    worker, served = _worker(tmp_path, store)
-    result = worker.update_pending()
+    small, served = _worker(tmp_path, store, replay_memory_bytes=5_000)  # < any one set
+    result = small.update_pending()
     assert result.outcome == "success", result.reason
+    assert result.resident == {"val": False, "all": False, "new": False}  # all streamed
     assert result.samples == {"new": 19, "replay": 19, "val": 5}
+    assert len(list((tmp_path / "store" / "mfcc-cache").glob("chunk-000001.*.arrow"))) == 1
     v = served.version
     assert v.version == 1 and v.model_name == MODEL and v.chunk_ids == ("1",)
     assert -1.0 <= v.val_accuracy <= 1.0 and 0 < v.active_params <= v.dense_params
     out = served.transcribe([_audio(1)], 8000)
     assert out.version == 1 and isinstance(out.transcripts[0], str)
     store.append(_speech(range(24, 48)))  # the next chunk: an update of version 1
-    assert worker.update_pending().outcome == "success"
+    worker, _ = _worker(tmp_path, store, served)  # the default budget: resident
+    result = worker.update_pending()
+    assert result.outcome == "success", result.reason
+    assert result.resident == {"val": True, "all": True, "new": True}
     assert served.version.parent == 1 and served.version.seen_chunk_ids == ("1", "2")
+    assert len(list((tmp_path / "store" / "mfcc-cache").iterdir())) == 2  # one per chunk
 
 
 @pytest.mark.integration

@@ -1,6 +1,8 @@
-"""Transcripts, CTC decoding and error rates, MFCC features, variable-length batches,
-the CTC task's scores and the FSDD loader (on WAVs the tests write)."""
+"""Transcripts, CTC decoding and error rates, MFCC features, variable-length batches
+(resident and chunked), the CTC task's scores and the FSDD loader (on WAVs the tests
+write)."""
 
+import dataclasses
 import math
 import wave
 from pathlib import Path
@@ -13,7 +15,7 @@ from torch import nn
 from gnp.audio import FeatureConfig, mfcc, pcm16_to_float, read_wav
 from gnp.data import load_dataset
 from gnp.fsdd import DIGIT_WORDS, speaker_split
-from gnp.sequences import SequenceData, SpeechBatch
+from gnp.sequences import ChunkedSequenceData, SequenceData, SpeechBatch
 from gnp.tasks import CTC_TASK
 from gnp.train import evaluate
 from gnp.transcripts import (ALPHABET, BLANK, NUM_SYMBOLS, cer, decode, encode, greedy_decode,
@@ -138,6 +140,93 @@ def test_gather_cuts_a_batch_to_its_longest_sequence():
     both = SequenceData.concat([data, _lengths_data([30])])
     assert len(both) == 5 and both.x.shape[1] == 30
     assert both.transcripts() == ["one"] * 5
+
+
+def _parts(widths_and_sizes, feature_dim=3, seed=0, shortest=2) -> list[SequenceData]:
+    """Sequence data sets of random lengths, each padded to its own width (as a cache
+    file per chunk is)."""
+    gen = torch.Generator().manual_seed(seed)
+    words = ["one", "seven", "two three"]
+    parts = []
+    for width, n in widths_and_sizes:
+        lengths = torch.randint(shortest, width + 1, (n,), generator=gen).tolist()
+        lengths[0] = width  # the part's widest sequence sets its padding
+        parts.append(SequenceData.from_lists(
+            [torch.randn(t, feature_dim, generator=gen) for t in lengths],
+            [encode(words[(len(parts) + i) % 3]) for i in range(n)]))
+    return parts
+
+
+def _same_batch(a: SpeechBatch, b: SpeechBatch) -> bool:
+    return all(torch.equal(getattr(a, f), getattr(b, f))
+               for f in ("x", "lengths", "targets", "target_lengths"))
+
+
+def test_chunked_sequences_draw_and_gather_the_batches_of_their_concatenation():
+    from gnp.data import place
+
+    parts = _parts([(40, 30), (9, 25), (23, 1), (31, 40)])
+    chunked, whole = ChunkedSequenceData(parts), SequenceData.concat(parts)
+    cpu = torch.device("cpu")
+    assert len(chunked) == len(whole) == 96 and chunked.feature_dim == 3
+    assert chunked.nbytes == whole.nbytes and chunked.device == cpu
+    for fraction in (1.0, 0.5):
+        ours = chunked.batch_indices(8, torch.Generator().manual_seed(4), fraction)
+        theirs = whole.batch_indices(8, torch.Generator().manual_seed(4), fraction)
+        assert len(ours) == len(theirs) > 1
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b)
+            assert _same_batch(chunked.gather(a, cpu), whole.gather(b, cpu))
+    assert _same_batch(chunked.gather(slice(50, 90), cpu), whole.gather(slice(50, 90), cpu))
+    resident = chunked.to("cpu")
+    assert isinstance(resident, SequenceData) and torch.equal(resident.x, whole.x)
+    assert resident.transcripts() == whole.transcripts() == chunked.transcripts()
+    assert place(chunked, cpu, resident_bytes=whole.nbytes - 1) is chunked  # streamed
+    assert isinstance(place(chunked, cpu, resident_bytes=whole.nbytes), SequenceData)
+
+
+def test_a_chunked_subset_is_a_view_of_the_parts_in_index_order():
+    parts = _parts([(12, 5), (30, 7), (8, 4)])
+    chunked, whole = ChunkedSequenceData(parts), SequenceData.concat(parts)
+    lead = chunked.subset(slice(0, 9))  # the new chunks' rows: a leading slice
+    assert len(lead) == 9 and len(lead.parts) == 2
+    assert lead.parts[0].x.data_ptr() == parts[0].x.data_ptr()  # no copy
+    assert lead.parts[1].x.data_ptr() == parts[1].x.data_ptr()
+    assert torch.equal(lead.to("cpu").x, whole.subset(slice(0, 9)).x[:, :30])
+    picked = [14, 2, 3, 4, 9, 0]
+    sub = chunked.subset(picked)
+    assert sub.transcripts() == [whole.transcripts()[i] for i in picked]
+    assert sub.lengths.tolist() == whole.lengths[picked].tolist()
+    assert _same_batch(sub.gather(slice(None), torch.device("cpu")),
+                       whole.gather(torch.tensor(picked), torch.device("cpu")))
+    with pytest.raises(ValueError, match="feature dimension"):
+        ChunkedSequenceData([parts[0], _parts([(5, 2)], feature_dim=4)[0]])
+
+
+def test_an_update_learns_the_same_from_streamed_and_resident_sequences():
+    """Streaming changes where batches come from, not what is learnt: the same seed gives
+    the same model, bit for bit."""
+    from gnp.models import build_model
+    from gnp.policies import Schedule, update
+    from gnp.prune import PruneConfig
+    from gnp.speech_protocol import SPEECH_TRAIN
+
+    train = _parts([(24, 20), (16, 28)], 12, shortest=12)  # batches of 3 (16 steps an epoch)
+    val = _parts([(18, 3), (22, 3)], 12, seed=1, shortest=12)
+    build = lambda: build_model("deepspeech2-hlstm-tiny", (12,), NUM_SYMBOLS)  # noqa: E731
+    models = []
+    for streamed in (False, True):
+        data = ChunkedSequenceData(train) if streamed else SequenceData.concat(train)
+        valid = ChunkedSequenceData(val) if streamed else SequenceData.concat(val)
+        schedule = Schedule(new_epochs=1, all_epochs=1, baseline_epochs=2, grow_every=1,
+                            train=dataclasses.replace(SPEECH_TRAIN, resident_bytes=1 if streamed
+                                                      else None),
+                            prune=PruneConfig(max_iterations=1, retrain_epochs=0.5))
+        models.append(update("ours", None, new=data.subset(slice(0, 20)), all=data, val=valid,
+                             schedule=schedule, build=build, device="cpu", seed=3,
+                             task=CTC_TASK).model)
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def _write_wav(path: Path, seconds: float, freq: float, rate: int = 8000) -> None:
