@@ -272,18 +272,27 @@ _SAME_PROTOCOL = ("model", "dataset", "chunks", "val_size", "train_size", "quick
 
 
 def merge_baselines(out: Path, baselines: Path) -> list[dict]:
-    """Rows of `out` plus the rows of methods it lacks from `baselines` (same protocol only)."""
+    """Rows of `out` plus, from `baselines` (a run of the same protocol whose seeds `out`
+    also ran), the rows of each (seed, method) that `out` lacks: a variant of one method
+    gets the other methods' rows of the same seeds, from one run or from several (one per
+    seed, run as separate processes)."""
     doc = json.loads((out / "results.json").read_text())
     base = json.loads((baselines / "results.json").read_text())
     differ = [k for k in _SAME_PROTOCOL if doc["args"].get(k) != base["args"].get(k)]
-    if doc["args"].get("seeds") != base["args"].get("seeds"):
+    if not set(_run_seeds(base)) <= set(_run_seeds(doc)):
         differ.append("seeds")
     if differ:
         raise ValueError(f"{baselines} ran a different protocol ({', '.join(differ)} differ)")
-    have = {r["method"] for r in doc["rows"]}
+    have = {(r.get("seed", 0), r["method"]) for r in doc["rows"]}
     chunks = {r["chunk"] for r in doc["rows"]}
-    extra = [r for r in base["rows"] if r["method"] not in have and r["chunk"] in chunks]
+    extra = [r for r in base["rows"]
+             if (r.get("seed", 0), r["method"]) not in have and r["chunk"] in chunks]
     return sorted(doc["rows"] + extra, key=lambda r: (r.get("seed", 0), r["chunk"], r["method"] != "ours"))
+
+
+def _run_seeds(doc: dict) -> list[int]:
+    seeds = doc["args"].get("seeds")
+    return list(seeds) if seeds is not None else sorted({r.get("seed", 0) for r in doc["rows"]})
 
 
 def merge_seeds(out: Path, other: Path) -> list[dict]:
@@ -323,8 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         note_seeds = ""
     for b in args.baselines:
-        rows = merge_baselines(args.out, b) if not rows else rows + [
-            r for r in merge_baselines(args.out, b) if r["method"] not in {x["method"] for x in rows}]
+        merged = merge_baselines(args.out, b)
+        if rows is None:
+            rows = merged
+        else:
+            have = {(r.get("seed", 0), r["chunk"], r["method"]) for r in rows}
+            rows += [r for r in merged if (r.get("seed", 0), r["chunk"], r["method"]) not in have]
     note = "".join(f"Rows of methods this run lacks from `{b}`. " for b in args.baselines)
     write_report(args.out, rows, note=" ".join(x for x in (args.note, note_seeds + note) if x).strip())
     print(f"wrote {args.out}/results.md, results.png")

@@ -96,6 +96,16 @@ def test_report_merges_baselines_only_from_the_same_protocol(tmp_path):
     assert "Claims checked" in (variant / "results.md").read_text()
     with pytest.raises(ValueError, match="seed"):
         merge_baselines(variant, other)
+    # A variant run over seeds 0 and 1 takes TFS from two runs, one per seed.
+    both = tmp_path / "both"
+    main(["--dataset", "digits", "--chunks", "2", "--methods", "ours", "--out", str(both),
+          "--quick", "--device", "cpu", "--no-progress", "--seeds", "0,1"])
+    assert report_main([str(both), "--baselines", str(base), "--baselines", str(other)]) == 0
+    pairs = [(r["seed"], r["chunk"], r["method"]) for r in merge_baselines(both, base)]
+    assert pairs == [(0, 1, "ours"), (0, 1, "tfs"), (0, 2, "ours"), (0, 2, "tfs"),
+                     (1, 1, "ours"), (1, 2, "ours")]
+    md = (both / "results.md").read_text()
+    assert "tfs err" in md and "±" in md
 
 
 def test_report_merges_seeds_run_apart_only_from_the_same_protocol(tmp_path):
