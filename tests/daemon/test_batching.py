@@ -144,7 +144,9 @@ def test_overload_answers_503_quickly_and_the_rest_succeed() -> None:
             text = c.get("/metrics").text
     codes = sorted(code for code, _, _ in results)
     assert set(codes) == {200, 503}, codes
-    assert codes.count(200) >= 3  # one in the model, two queued, and later arrivals
+    # At least the two that queue first are answered (three when the worker takes the
+    # first into the model before the third arrives: a race the fast path often loses).
+    assert codes.count(200) >= 2
     rejected = [(t, ra) for code, t, ra in results if code == 503]
     assert all(ra == "1" for _, ra in rejected)
     assert all(t < 0.4 for t, _ in rejected), rejected  # quicker than one forward pass
