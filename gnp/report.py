@@ -271,23 +271,24 @@ def write_report(out: Path, rows: list[Any] | None = None, note: str = "") -> No
 _SAME_PROTOCOL = ("model", "dataset", "chunks", "val_size", "train_size", "quick", "augment")
 
 
-def merge_baselines(out: Path, baselines: Path) -> list[dict]:
-    """Rows of `out` plus, from `baselines` (a run of the same protocol whose seeds `out`
-    also ran), the rows of each (seed, method) that `out` lacks: a variant of one method
-    gets the other methods' rows of the same seeds, from one run or from several (one per
-    seed, run as separate processes)."""
+def merge_baselines(out: Path, baselines: Path, rows: list[dict] | None = None) -> list[dict]:
+    """Rows of `out` (or `rows`, e.g. out's merged with more seeds) plus, from `baselines`
+    (a run of the same protocol over seeds those rows have), the rows of each (seed,
+    method) they lack: a variant of one method gets the other methods' rows of the same
+    seeds, from one run or from several (one per seed, run as separate processes)."""
     doc = json.loads((out / "results.json").read_text())
     base = json.loads((baselines / "results.json").read_text())
+    rows = doc["rows"] if rows is None else rows
     differ = [k for k in _SAME_PROTOCOL if doc["args"].get(k) != base["args"].get(k)]
-    if not set(_run_seeds(base)) <= set(_run_seeds(doc)):
+    if not set(_run_seeds(base)) <= set(_run_seeds(doc)) | {r.get("seed", 0) for r in rows}:
         differ.append("seeds")
     if differ:
         raise ValueError(f"{baselines} ran a different protocol ({', '.join(differ)} differ)")
-    have = {(r.get("seed", 0), r["method"]) for r in doc["rows"]}
-    chunks = {r["chunk"] for r in doc["rows"]}
+    have = {(r.get("seed", 0), r["method"]) for r in rows}
+    chunks = {r["chunk"] for r in rows}
     extra = [r for r in base["rows"]
              if (r.get("seed", 0), r["method"]) not in have and r["chunk"] in chunks]
-    return sorted(doc["rows"] + extra, key=lambda r: (r.get("seed", 0), r["chunk"], r["method"] != "ours"))
+    return sorted(rows + extra, key=lambda r: (r.get("seed", 0), r["chunk"], r["method"] != "ours"))
 
 
 def _run_seeds(doc: dict) -> list[int]:
@@ -332,12 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         note_seeds = ""
     for b in args.baselines:
-        merged = merge_baselines(args.out, b)
-        if rows is None:
-            rows = merged
-        else:
-            have = {(r.get("seed", 0), r["chunk"], r["method"]) for r in rows}
-            rows += [r for r in merged if (r.get("seed", 0), r["chunk"], r["method"]) not in have]
+        rows = merge_baselines(args.out, b, rows)
     note = "".join(f"Rows of methods this run lacks from `{b}`. " for b in args.baselines)
     write_report(args.out, rows, note=" ".join(x for x in (args.note, note_seeds + note) if x).strip())
     print(f"wrote {args.out}/results.md, results.png")
