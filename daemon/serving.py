@@ -21,7 +21,9 @@ concurrent requests are joined into one forward pass (up to ``batch_max_rows``
 instances, waiting at most ``batch_wait_ms`` for more while others are on their way),
 run on the batcher's thread -- never on the event loop -- and every caller gets its own
 rows, all from the one model version the answer names. JSON is parsed and written with
-orjson. A speech model's request is not batched (its instances differ in length): its
+orjson. A classifier's predict is answered by a bare ASGI handler before FastAPI's
+middleware and routing (:class:`_App`; the answers are the route's, tested side by
+side), so middleware added to the app does not see those requests. A speech model's request is not batched (its instances differ in length): its
 body is read under the same limits and transcribed on the ``predict_workers`` pool.
 
 Load cannot take the process down or starve the probes: a predict body over
