@@ -265,6 +265,10 @@ def _resumed(args: argparse.Namespace, out: Path, log) -> tuple[list[Row], dict[
         ckpt = _checkpoint_path(out, seed)
         if ckpt.exists():
             done[seed] = torch.load(ckpt, weights_only=False)
+            if args.stop_after is not None and done[seed]["chunk"] > args.stop_after:
+                raise ValueError(f"--resume: seed {seed} of {out} already went past chunk "
+                                 f"{args.stop_after} (to {done[seed]['chunk']}); give a "
+                                 f"larger --stop-after or none")
     rows = [Row(**r) for r in doc["rows"]
             if r["seed"] in done and r["chunk"] <= done[r["seed"]]["chunk"]]
     for seed in args.seeds:

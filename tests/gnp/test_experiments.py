@@ -150,6 +150,9 @@ def test_a_stopped_run_resumes_where_it_stopped_with_the_same_results(tmp_path, 
         (k, m) for k in (1, 2, 3) for m in ("ours", "nft", "cgap")]
     assert resumed == expected
     assert "--resume" not in doc_parts["command"]  # the command that gives these rows
+    # Going back is refused: the run is already past chunk 1.
+    assert main([*common, "--out", str(parts), "--resume", "--stop-after", "1"]) == 2
+    assert "already went past chunk 1" in capsys.readouterr().err
     # Other arguments: refused, nothing overwritten.
     assert main([*common, "--out", str(parts), "--resume", "--incremental-lr", "0.05"]) == 2
     assert "other arguments" in capsys.readouterr().err
