@@ -23,8 +23,9 @@ run on the batcher's thread -- never on the event loop -- and every caller gets 
 rows, all from the one model version the answer names. JSON is parsed and written with
 orjson. A classifier's predict is answered by a bare ASGI handler before FastAPI's
 middleware and routing (:class:`_App`; the answers are the route's, tested side by
-side), so middleware added to the app does not see those requests. A speech model's request is not batched (its instances differ in length): its
-body is read under the same limits and transcribed on the ``predict_workers`` pool.
+side), so middleware added to the app does not see those requests. A speech model's
+request is not batched (its instances differ in length): its body is read under the
+same limits and transcribed on the ``predict_workers`` pool.
 
 Load cannot take the process down or starve the probes: a predict body over
 ``max_body_bytes`` is refused (413) from its Content-Length or while it streams in,

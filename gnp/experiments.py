@@ -214,6 +214,10 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
     return rows
 
 
+class ResumeError(ValueError):
+    """--resume cannot go on with the run in --out (other arguments, or already past)."""
+
+
 # Arguments a resumed run may change: how far it goes, what it shows, where it runs.
 _RESUMABLE_CHANGES = {"stop_after", "no_progress", "resume", "device", "argv"}
 
@@ -245,7 +249,7 @@ def _resumed(args: argparse.Namespace, out: Path, log) -> tuple[list[Row], dict[
     """The rows and checkpoints of an earlier run into ``out`` with the same arguments.
 
     Each seed goes on after the last chunk that every method finished (its checkpoint);
-    rows after that are dropped and computed again. Raises ValueError when the earlier
+    rows after that are dropped and computed again. Raises ResumeError when the earlier
     run's arguments differ in anything but :data:`_RESUMABLE_CHANGES`.
     """
     path = out / "results.json"
@@ -257,7 +261,7 @@ def _resumed(args: argparse.Namespace, out: Path, log) -> tuple[list[Row], dict[
     differ = sorted(k for k in set(before) | set(now)
                     if k not in _RESUMABLE_CHANGES and before.get(k) != now.get(k))
     if differ:
-        raise ValueError(f"--resume: {out} holds a run with other arguments ("
+        raise ResumeError(f"--resume: {out} holds a run with other arguments ("
                          + ", ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now"
                                      for k in differ) + "); use another --out")
     done = {}
@@ -266,7 +270,7 @@ def _resumed(args: argparse.Namespace, out: Path, log) -> tuple[list[Row], dict[
         if ckpt.exists():
             done[seed] = torch.load(ckpt, weights_only=False)
             if args.stop_after is not None and done[seed]["chunk"] > args.stop_after:
-                raise ValueError(f"--resume: seed {seed} of {out} already went past chunk "
+                raise ResumeError(f"--resume: seed {seed} of {out} already went past chunk "
                                  f"{args.stop_after} (to {done[seed]['chunk']}); give a "
                                  f"larger --stop-after or none")
     rows = [Row(**r) for r in doc["rows"]
@@ -405,9 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         rows = run_protocol(args, args.out)
-    except ValueError as e:
-        if not str(e).startswith("--resume"):
-            raise
+    except ResumeError as e:
         print(e, file=sys.stderr)
         return 2
     from gnp.report import write_report  # matplotlib only when writing the report
