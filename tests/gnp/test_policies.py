@@ -145,3 +145,18 @@ def test_shrink_applies_to_updates_of_a_trained_model_only(digits):
     w = lambda r: r.model.fc1.weight  # noqa: E731
     assert torch.equal(w(fresh), w(first))  # training from scratch: nothing to shrink
     assert not torch.allclose(w(plain), w(shrunk))
+
+
+def test_an_update_of_a_trained_model_peaks_at_the_training_lr_unless_told(digits):
+    ds, chunks, val = digits
+    small = replace(SMALL, new_epochs=0, all_epochs=0, baseline_epochs=1,
+                    prune=gnp.PruneConfig(max_iterations=0))
+    first = update("nft", None, new=chunks[0], all=chunks[0], val=val, schedule=small,
+                   build=_build, device="cpu", seed=1)
+    default = update("nft", first.carry, new=chunks[1], all=chunks[1], val=val,
+                     schedule=small, device="cpu", seed=2)
+    pinned = update("nft", first.carry, new=chunks[1], all=chunks[1], val=val,
+                    schedule=replace(small, incremental_lr=0.01), device="cpu", seed=2)
+    assert first.peak_lr == default.peak_lr == small.train.lr
+    assert pinned.peak_lr == 0.01
+    assert not torch.allclose(default.model.fc1.weight, pinned.model.fc1.weight)
