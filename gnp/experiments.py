@@ -150,6 +150,8 @@ def schedule_of(args: argparse.Namespace) -> Schedule:
     s = replace(s, train=replace(s.train, augment=augment))
     if args.incremental_lr is not None:
         s = replace(s, incremental_lr=args.incremental_lr or None)
+    if args.finetune_epochs is not None:
+        s = replace(s, finetune_epochs=args.finetune_epochs)
     if args.alpha is not None:
         s = replace(s, alpha=args.alpha)
     if args.shrink is not None:
@@ -264,6 +266,14 @@ def _resumed(args: argparse.Namespace, out: Path, log) -> tuple[list[Row], dict[
         raise ResumeError(f"--resume: {out} holds a run with other arguments ("
                          + ", ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now"
                                      for k in differ) + "); use another --out")
+    # The same arguments can mean another schedule when a default changed since.
+    was, will = doc.get("schedule", {}), _schedule_doc(schedule_of(args))
+    changed = sorted(k for k in set(was) | set(will) if "schedule" in doc and was.get(k) != will.get(k))
+    if changed:
+        raise ResumeError(f"--resume: {out} ran another schedule ("
+                          + ", ".join(f"{k}: {was.get(k)!r} there, {will.get(k)!r} now"
+                                      for k in changed)
+                          + "); a default changed since: pass the old value or use another --out")
     done = {}
     for seed in args.seeds:
         ckpt = _checkpoint_path(out, seed)
@@ -346,6 +356,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="affine distortions; auto = the per-data-set choice (AUGMENT_DEFAULT)")
     p.add_argument("--incremental-lr", type=float, default=None,
                    help="peak lr when updating a trained model, ours and nft (0: the training lr)")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="epochs of an nft update of a trained model (default: the baselines' "
+                        "60): fewer runs fine-tuning at ours' cost, a control beside the baseline")
     p.add_argument("--alpha", type=float, default=None,
                    help="growth percentile: dormant connections whose |grad| is at or above "
                         "it grow (default Schedule.alpha, 50; the paper: 30..50); higher "

@@ -61,6 +61,9 @@ class Schedule:
     # method); an ablation against the warm-start gap to TFS.
     shrink: float | None = None
     perturb: float = 0.01
+    # nft: epochs of an update of a trained model (None: baseline_epochs, the paper's).
+    # Fewer is a control, fine-tuning at ours' cost, never the baseline itself.
+    finetune_epochs: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     nonrecoverable: PruneConfig | None = None  # set to also export an ultra-compact model
@@ -220,7 +223,8 @@ METHODS: dict[str, _Method] = {
                    lambda s: [Phase("train-all", "all", s.baseline_epochs)],
                    fresh=True, seeded=False),
     "nft": _Method(lambda s: [Phase("train-all", "all", s.baseline_epochs)],
-                   lambda s: [Phase("finetune-all", "all", s.baseline_epochs)],
+                   lambda s: [Phase("finetune-all", "all", s.baseline_epochs
+                                    if s.finetune_epochs is None else s.finetune_epochs)],
                    fresh=False, seeded=False, dense_carry=True),
     "nest": _Method(_nest_phases, _nest_phases, fresh=True, seeded=True),
     "cgap": _Method(_nest_phases, _ours_phases, fresh=False, seeded=True, structured=True),

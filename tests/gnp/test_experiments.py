@@ -157,6 +157,23 @@ def test_a_stopped_run_resumes_where_it_stopped_with_the_same_results(tmp_path, 
     assert main([*common, "--out", str(parts), "--resume", "--incremental-lr", "0.05"]) == 2
     assert "other arguments" in capsys.readouterr().err
     assert json.loads((parts / "results.json").read_text())["rows"] == doc_parts["rows"]
+    # The same arguments under a default that changed since (the recorded schedule says
+    # what the run had): refused, naming the field.
+    doc_parts["schedule"]["incremental_lr"] = 0.01
+    (parts / "results.json").write_text(json.dumps(doc_parts))
+    assert main([*common, "--out", str(parts), "--resume"]) == 2
+    assert "incremental_lr: 0.01 there, None now" in capsys.readouterr().err
+
+
+def test_finetune_epochs_shortens_only_nft_updates_of_a_trained_model():
+    from gnp.policies import METHODS
+    s = schedule_of(parse_args(["--finetune-epochs", "22", "--out", "x", "--dataset", "digits"]))
+    assert s.finetune_epochs == 22
+    assert [p.epochs for p in METHODS["nft"].later(s)] == [22]
+    assert [p.epochs for p in METHODS["nft"].first(s)] == [s.baseline_epochs]
+    assert [p.epochs for p in METHODS["tfs"].later(s)] == [s.baseline_epochs]
+    default = schedule_of(parse_args(["--out", "x", "--dataset", "digits"]))
+    assert [p.epochs for p in METHODS["nft"].later(default)] == [default.baseline_epochs]
 
 
 def test_alpha_sets_the_growth_percentile_and_is_recorded():
