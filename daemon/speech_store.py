@@ -17,7 +17,7 @@ IPC file per chunk named by a key of the chunk's checksum and the MFCC settings,
 atomically and read back memory-mapped (zero-copy, held by the page cache, not by the
 process). The cache is derived data: a missing, unreadable or corrupt file (its values
 carry a CRC-32C) is computed again, a changed chunk or setting is a new key, and the
-folder may be deleted at any time. Sets that fit the replay budget are made resident as
+folder may be deleted at any time; each update deletes the files none of its chunks reads (chunks that left the store, a killed write's temp file). Sets that fit the replay budget are made resident as
 before; larger ones stream from the cache batch by batch
 (`gnp.sequences.ChunkedSequenceData`), like image chunks (:mod:`daemon.replay`).
 """
@@ -308,6 +308,27 @@ def _chunk_ref(chunk) -> tuple[Path, int]:
     return path, file_crc32c(path) if crc is None else int(crc)
 
 
+def _sweep_cache(cache_dir: Path, chunks: Sequence, cfg: FeatureConfig | None) -> None:
+    """Delete the cache files no chunk of this update reads: chunks that left the store
+    (moved to orphans, quarantined, a crash's leftover) and temp files of a killed write.
+    The cache is derived data (recomputed from a chunk when missing), and an update reads
+    every chunk the model learns from, so whatever it does not read is dead weight."""
+    from daemon.manifest import TMP_SUFFIX
+
+    keep = set()
+    for chunk in chunks:
+        path, crc = _chunk_ref(chunk)
+        keep.add(mfcc_cache_path(cache_dir, path, crc, cfg).name)
+    try:
+        entries = list(Path(cache_dir).iterdir())
+    except OSError:
+        return  # no cache folder (it could not be made): nothing to sweep
+    for entry in entries:
+        if entry.name not in keep and entry.name.endswith((".arrow", ".arrow" + TMP_SUFFIX)):
+            log.info("MFCC cache: removing %s (no chunk of this update reads it)", entry.name)
+            entry.unlink(missing_ok=True)
+
+
 def speech_sets(new: Sequence, old: Sequence, budget: int, cache_dir: Path,
                 cfg: FeatureConfig | None = None) -> dict[str, object] | None:
     """New, replay ("all") and validation sets of speech chunks, as MFCCs.
@@ -339,6 +360,7 @@ def speech_sets(new: Sequence, old: Sequence, budget: int, cache_dir: Path,
                 f"not be written (see the log), and the {in_memory:,} bytes held in memory "
                 f"instead exceed the replay budget of {budget:,} bytes; make the folder "
                 f"writable (and give it disk space) or raise GNPD_TRAIN__REPLAY_MEMORY_BYTES")
+    _sweep_cache(cache_dir, list(new) + list(old), cfg)
     new_rows = sum(len(t) for t in train[:len(new)])
     if new_rows == 0 or not any(len(v) for v in val):
         return None

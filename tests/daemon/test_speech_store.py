@@ -136,6 +136,25 @@ def test_speech_sets_over_the_budget_stream_the_resident_sets_values(tmp_path):
     assert _mapped(next(cache.iterdir()))
 
 
+def test_speech_sets_sweep_cache_files_no_chunk_of_the_update_reads(tmp_path):
+    from daemon.speech_store import mfcc_cache_path, speech_sets
+
+    chunks = _chunks(tmp_path / "store", n=18)
+    cache = tmp_path / "store" / "mfcc-cache"
+    speech_sets(chunks[1:], chunks[:1], 10**9, cache)
+    assert len(list(cache.iterdir())) == 3
+    left = mfcc_cache_path(cache, chunks[0].path, chunks[0].crc32c)
+    killed = cache / "chunk-999999.abc.arrow.tmp"  # a write killed before its rename
+    killed.write_bytes(b"partial")
+    kept = cache / "README.txt"  # not ours: never touched
+    kept.write_text("hands off")
+    # chunks[0] leaves the update (quarantined, moved to orphans): its file goes too.
+    speech_sets(chunks[1:], [], 10**9, cache)
+    assert not left.exists() and not killed.exists() and kept.exists()
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [kept.name] + [mfcc_cache_path(cache, c.path, c.crc32c).name for c in chunks[1:]])
+
+
 def test_speech_sets_refuse_only_when_they_can_neither_stream_nor_fit(tmp_path):
     from daemon.speech_store import ReplayBudgetError, speech_sets
 
