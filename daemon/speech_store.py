@@ -17,8 +17,9 @@ IPC file per chunk named by a key of the chunk's checksum and the MFCC settings,
 atomically and read back memory-mapped (zero-copy, held by the page cache, not by the
 process). The cache is derived data: a missing, unreadable or corrupt file (its values
 carry a CRC-32C) is computed again, a changed chunk or setting is a new key, and the
-folder may be deleted at any time; each update deletes the files none of its chunks reads (chunks that left the store, a killed write's temp file). Sets that fit the replay budget are made resident as
-before; larger ones stream from the cache batch by batch
+folder may be deleted at any time; each update deletes the files none of its chunks
+reads (chunks that left the store, a killed write's temp file). Sets that fit the replay
+budget are made resident as before; larger ones stream from the cache batch by batch
 (`gnp.sequences.ChunkedSequenceData`), like image chunks (:mod:`daemon.replay`).
 """
 
