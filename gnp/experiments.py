@@ -152,6 +152,8 @@ def schedule_of(args: argparse.Namespace) -> Schedule:
         s = replace(s, incremental_lr=args.incremental_lr or None)
     if args.finetune_epochs is not None:
         s = replace(s, finetune_epochs=args.finetune_epochs)
+    if args.carry_unpruned:
+        s = replace(s, carry_unpruned=True)
     if args.alpha is not None:
         s = replace(s, alpha=args.alpha)
     if args.shrink is not None:
@@ -359,6 +361,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, default=None,
                    help="epochs of an nft update of a trained model (default: the baselines' "
                         "60): fewer runs fine-tuning at ours' cost, a control beside the baseline")
+    p.add_argument("--carry-unpruned", action="store_true",
+                   help="ours/cgap carry their model before pruning to the next update and serve "
+                        "a pruned copy, as nft does (an ablation; the paper carries the pruned model)")
     p.add_argument("--alpha", type=float, default=None,
                    help="growth percentile: dormant connections whose |grad| is at or above "
                         "it grow (default Schedule.alpha, 50; the paper: 30..50); higher "

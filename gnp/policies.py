@@ -64,6 +64,10 @@ class Schedule:
     # nft: epochs of an update of a trained model (None: baseline_epochs, the paper's).
     # Fewer is a control, fine-tuning at ours' cost, never the baseline itself.
     finetune_epochs: int | None = None
+    # ours / cgap: carry the grown model as it was before pruning to the next update and
+    # serve a pruned copy, as nft carries its dense model. False: the pruned model carries
+    # on (the paper's method); True is an ablation of what the sparse carry costs.
+    carry_unpruned: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     nonrecoverable: PruneConfig | None = None  # set to also export an ultra-compact model
@@ -276,7 +280,8 @@ def update(method: str, model: nn.Module | None, *, new: Samples, all: Samples,
             sparse_seed(t.masks, s.seed_density, gen)
     peak = s.train.lr if fresh or s.incremental_lr is None else s.incremental_lr
     growth = _run_phases(t, (m.first if first else m.later)(s), data, s, peak, progress, units)
-    carry = copy.deepcopy(t.model).cpu() if m.dense_carry else None
+    unpruned_carry = m.dense_carry or (s.carry_unpruned and not m.fresh)
+    carry = copy.deepcopy(t.model).cpu() if unpruned_carry else None
     pre_prune = t.evaluate(val_d)
     if observe is not None:
         observe("pre-prune", t.model)
@@ -286,7 +291,7 @@ def update(method: str, model: nn.Module | None, *, new: Samples, all: Samples,
     compact = _export(t, data["all"], val_d, s, progress, units is not None) if s.nonrecoverable else None
     served = t.model.cpu().eval()
     return UpdateResult(
-        served, carry if m.dense_carry else (None if m.fresh else served),
+        served, carry if unpruned_carry else (None if m.fresh else served),
         report.final_accuracy, count_parameters(served), cost, report,
         compact[0] if compact else None, compact[1] if compact else None,
         compact[2] if compact else None, pre_prune, tuple(growth), peak)

@@ -160,3 +160,20 @@ def test_an_update_of_a_trained_model_peaks_at_the_training_lr_unless_told(digit
     assert first.peak_lr == default.peak_lr == small.train.lr
     assert pinned.peak_lr == 0.01
     assert not torch.allclose(default.model.fc1.weight, pinned.model.fc1.weight)
+
+
+def test_carry_unpruned_carries_the_grown_model_and_serves_a_pruned_copy(digits):
+    ds, chunks, val = digits
+    small = replace(SMALL, new_epochs=1, all_epochs=2, baseline_epochs=2, grow_every=1,
+                    prune=gnp.PruneConfig(beta=5, retrain_epochs=0.5, max_iterations=3))
+    first = update("ours", None, new=chunks[0], all=chunks[0], val=val, schedule=small,
+                   build=_build, device="cpu", seed=1)
+    assert first.carry is first.model  # the paper's: the pruned model carries on
+    r = update("ours", first.carry, new=chunks[1], all=gnp.Data.concat(chunks[:2]), val=val,
+               schedule=replace(small, carry_unpruned=True), device="cpu", seed=2)
+    assert r.carry is not r.model
+    assert count_active(r.carry) > count_active(r.model), r.prune  # pruning took the copy down
+
+
+def count_active(model):
+    return gnp.count_parameters(model).active
