@@ -81,7 +81,7 @@ def fsdd_messages(root: str | Path | None, split: str = "train", *, shuffle: boo
     ``root``: base64 16-bit PCM as recorded, the digit's word as transcript. ``split``
     is FSDD's official one (test: recordings 0-4 of every speaker and digit)."""
     if root is None:
-        raise ValueError("fsdd: pass --data-root, the directory of the FSDD WAV files")
+        raise ValueError("fsdd: pass --data-dir, the directory of the FSDD WAV files")
     import base64
     import wave
 
@@ -232,7 +232,9 @@ def add_produce_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="samples per Arrow batch message (default 256)")
     parser.add_argument("--split", choices=("train", "test"), default="train",
                         help="which part of the data set (default train)")
-    parser.add_argument("--data-root", type=Path, default=None, help="data set directory")
+    parser.add_argument("--data-dir", "--data-root", dest="data_root", type=Path, default=None,
+                        help="data set directory (fsdd: the folder of its WAV recordings; "
+                             "--data-root is the older name)")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="messages per second (default 0 = as fast as possible)")
     parser.add_argument("--limit", type=int, default=None, help="send at most this many")
@@ -282,6 +284,16 @@ def run_produce(args: argparse.Namespace) -> int:
     else:
         messages = dataset_messages(args.dataset, args.split, shuffle=args.shuffle,
                                     seed=args.seed, root=args.data_root)
+    # Read the first message before connecting: a missing data set or folder is bad input
+    # (exit 2, at once), not a broker error after the connection timeout.
+    messages = iter(messages)
+    try:
+        first = next(messages, None)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if first is not None:
+        messages = itertools.chain([first], messages)
     try:
         sent = produce(bootstrap, args.topic or kafka.topic, messages, args.rate,
                        limit=args.limit, progress=None if args.quiet else sys.stderr,

@@ -252,3 +252,12 @@ def test_cli_arrow_refuses_speech_samples(capsys) -> None:
     assert produce_main(["--dataset", "fsdd", "--format", "arrow",
                          "--bootstrap-servers", "127.0.0.1:1"]) == 2
     assert "JSON messages" in capsys.readouterr().err
+
+
+def test_cli_reads_fsdd_from_data_dir(tmp_path, capsys) -> None:
+    """--data-dir, as for `gnpd demo` and `gnp.experiments` (--data-root: the older name)."""
+    for flag in ("--data-dir", "--data-root"):
+        assert produce_main(["--dataset", "fsdd", flag, str(tmp_path / "none"),
+                             "--bootstrap-servers", "127.0.0.1:1"]) == 2
+        err = capsys.readouterr().err
+        assert str(tmp_path / "none") in err, err
