@@ -35,7 +35,9 @@ class Metrics:
             "gnp_model_accuracy", "Validation accuracy (0..1) of the served model", registry=r)
         self.model_wer = Gauge(
             "gnp_model_wer_ratio", "Validation word error rate of the served speech model "
-            "(1 - its validation accuracy; NaN while a classifier is served)", registry=r)
+            "(1 - its validation accuracy; NaN while a classifier or no model is served)",
+            registry=r)
+        self.model_wer.set(float("nan"))  # no model yet: 0 would read as a perfect one
         self.model_parameters = Gauge(
             "gnp_model_parameters", "Active (unpruned) parameters of the served model", registry=r)
         self.model_dense_parameters = Gauge(

@@ -10,6 +10,10 @@
 - ``/usr/bin/prometheus`` (Debian's package) scraping the daemon every second and loading
   deploy/prometheus/alerts.yml, with a temporary storage folder.
 
+With ``speech_dir`` (FSDD's WAV folder) the daemon learns speech instead: the
+``deepspeech2-hlstm`` model, the producer streams FSDD recordings, and the predict
+requests carry audio, so the speech panels (word error rate) have data.
+
 A background thread sends predict requests so the latency panels have data. Every process
 listens on 127.0.0.1 only, and :meth:`LiveStack.stop` ends exactly the processes it started.
 """
@@ -81,11 +85,14 @@ class LiveStack:
         chunk_size: samples per chunk (an update runs per sealed chunk).
         predict_rate: predict requests per second.
         python: interpreter that runs the daemon (default: this one).
+        speech_dir: FSDD's folder of WAV recordings: learn speech (deepspeech2-hlstm).
     """
 
     def __init__(self, workdir: str | Path, *, rate: float = 100.0, chunk_size: int = 200,
-                 predict_rate: float = 5.0, python: str = sys.executable) -> None:
+                 predict_rate: float = 5.0, python: str = sys.executable,
+                 speech_dir: str | Path | None = None) -> None:
         self.workdir = Path(workdir)
+        self.speech_dir = Path(speech_dir) if speech_dir is not None else None
         self.rate, self.chunk_size, self.predict_rate = rate, chunk_size, predict_rate
         self.python = python
         self.daemon_url = ""
@@ -162,6 +169,9 @@ class LiveStack:
             "GNPD_TRAIN__SCHEDULE": "quick",
             "GNPD_TRAIN__DEVICE": "cpu",
         })
+        if self.speech_dir is not None:
+            del env["GNPD_MODEL__INPUT_SHAPE"]
+            env.update({"GNPD_MODEL__NAME": "deepspeech2-hlstm", "GNPD_STORE__VAL_FRACTION": "0.2"})
         self._spawn("daemon", [self.python, "-m", "daemon", "run", "--env-file", "/dev/null"],
                     {**env, "PYTHONPATH": str(REPO)})
         # The daemon logs "gnpd running: ... Kafka <bootstrap> topic <topic>" once started.
@@ -220,21 +230,31 @@ class LiveStack:
                 "--quiet"]
         rounds = 0
         while not self._stop.is_set():
+            data = (["--dataset", "digits"] if self.speech_dir is None else
+                    ["--dataset", "fsdd", "--data-dir", str(self.speech_dir)])
             args = base + (["--file", str(bad)] if rounds % 2 == 0 else
-                           ["--dataset", "digits", "--shuffle", "--seed", str(rounds),
-                            "--rate", str(self.rate)])
+                           [*data, "--shuffle", "--seed", str(rounds), "--rate", str(self.rate)])
             self._spawn("producer", args, {**os.environ, "PYTHONPATH": str(REPO)})
             while self._procs["producer"].poll() is None:
                 if self._stop.wait(0.5):
                     return
             rounds += 1
 
-    def _predict_loop(self) -> None:
+    def _predict_body(self) -> dict[str, Any]:
+        if self.speech_dir is not None:  # two recordings of FSDD's test split, as sent
+            from daemon.producer import fsdd_messages
+
+            test = fsdd_messages(self.speech_dir, "test")
+            first = [next(test), next(test)]
+            return {"sample_rate": first[0]["sample_rate"],
+                    "instances": [{"audio_pcm16": m["audio_pcm16"]} for m in first]}
         from sklearn.datasets import load_digits
 
         images = (load_digits().data / 16.0).round(4)  # pixels scaled to 0..1
-        body = {"instances": images[:8].tolist()}
-        request = json.dumps(body).encode()
+        return {"instances": images[:8].tolist()}
+
+    def _predict_loop(self) -> None:
+        request = json.dumps(self._predict_body()).encode()
         while not self._stop.wait(1.0 / self.predict_rate):
             req = urllib.request.Request(self.daemon_url + "/v1/predict", data=request,
                                          headers={"Content-Type": "application/json"})

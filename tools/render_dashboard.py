@@ -7,6 +7,9 @@ changed (the dashboard's "Model swaps" annotation).
 
     # start daemon + producer + Prometheus on loopback for 4 minutes, then render:
     python tools/render_dashboard.py --live 240 --out docs/dashboard.png
+    # the same with a speech model learning FSDD (word error rate panel):
+    python tools/render_dashboard.py --live 420 --speech-dir DIR --chunk-size 300 --rate 40 \
+        --out docs/dashboard-speech.png
     # or render the last 30 minutes of an existing Prometheus:
     python tools/render_dashboard.py --prometheus http://127.0.0.1:9090 --minutes 30
 """
@@ -31,7 +34,7 @@ if str(REPO) not in sys.path:
 
 from tools.promql import load_dashboard, panels, substitute  # noqa: E402
 
-__all__ = ["MAIN_PANELS", "render"]
+__all__ = ["MAIN_PANELS", "SPEECH_PANELS", "render"]
 
 MAIN_PANELS = (
     "Validation accuracy", "Served model version", "Parameters: active vs dense",
@@ -39,6 +42,9 @@ MAIN_PANELS = (
     "Ingest rate", "Rejected messages by reason", "Buffered samples",
     "Updates by outcome", "Predict latency", "Consumer lag",
 )
+# A speech model's dashboard: its word error rate where an image model shows accuracy.
+SPEECH_PANELS = tuple("Word error rate (speech model)" if t == "Validation accuracy" else t
+                      for t in MAIN_PANELS)
 _BG, _PANEL, _TEXT, _GRID = "#111217", "#181b1f", "#ccccdc", "#2c3235"
 _COLORS = ("#73bf69", "#f2cc0c", "#8ab8ff", "#ff780a", "#f2495c", "#5794f2", "#b877d9",
            "#705da0", "#37872d", "#fade2a")
@@ -175,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --live: samples per chunk (one update each)")
     parser.add_argument("--rate", type=float, default=100.0,
                         help="with --live: samples per second the producer sends")
+    parser.add_argument("--speech-dir", type=Path, default=None,
+                        help="with --live: learn FSDD speech from this folder of WAV recordings "
+                             "(deepspeech2-hlstm) and draw the speech panels")
+    parser.add_argument("--speech", action="store_true",
+                        help="with --prometheus: draw the speech panels (word error rate)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "dashboard.png")
     args = parser.parse_args(argv)
     if args.prometheus:
@@ -182,12 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         start = end - args.minutes * 60
         step = args.step or max(args.minutes * 60 / 300, 1.0)
         render(args.prometheus, args.out, start=start, end=end, step=step,
-               rate_interval=args.rate_interval or "1m")
+               rate_interval=args.rate_interval or "1m",
+               titles=SPEECH_PANELS if args.speech else MAIN_PANELS)
     else:
         from tools.livestack import LiveStack
 
         with tempfile.TemporaryDirectory(prefix="gnpd-render-") as tmp, LiveStack(
-                tmp, chunk_size=args.chunk_size, rate=args.rate) as live:
+                tmp, chunk_size=args.chunk_size, rate=args.rate,
+                speech_dir=args.speech_dir) as live:
+            data = ("8x8 digits" if args.speech_dir is None else
+                    "FSDD spoken digits, deepspeech2-hlstm")
             start = time.time()
             print(f"stack up: daemon {live.daemon_url}, Prometheus {live.prometheus_url}; "
                   f"recording {args.live:.0f}s", flush=True)
@@ -195,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             end = time.time()
             render(live.prometheus_url, args.out, start=start, end=end, step=args.step or 1.0,
                    rate_interval=args.rate_interval or "10s",
-                   note=f" (embedded broker, 8x8 digits at {args.rate:g} samples/s, chunks of "
+                   titles=MAIN_PANELS if args.speech_dir is None else SPEECH_PANELS,
+                   note=f" (embedded broker, {data} at {args.rate:g} samples/s, chunks of "
                         f"{args.chunk_size}, quick schedule, CPU)")
     print(f"wrote {args.out}")
     return 0

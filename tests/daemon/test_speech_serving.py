@@ -70,6 +70,7 @@ def test_served_speech_model_exports_its_wer_and_classifiers_nan():
     from daemon.control import record_served
 
     metrics = Metrics()
+    assert math.isnan(metrics.registry.get_sample_value("gnp_model_wer_ratio"))  # no model yet
     record_served(metrics, dataclasses.replace(_version(2), val_accuracy=0.93))
     assert metrics.registry.get_sample_value("gnp_model_wer_ratio") == pytest.approx(0.07)
     assert metrics.registry.get_sample_value("gnp_model_accuracy") == pytest.approx(0.93)
