@@ -130,34 +130,34 @@ def test_shrink_perturb_scales_weights_and_perturbs_only_active_connections():
         shrink_perturb(model, 0.0, 0.01, torch.Generator())
 
 
-def test_shrink_applies_to_updates_of_a_trained_model_only(digits):
-    ds, chunks, val = digits
-    small = replace(SMALL, new_epochs=0, all_epochs=0, baseline_epochs=1,
+ONE_EPOCH = replace(SMALL, new_epochs=0, all_epochs=0, baseline_epochs=1,
                     prune=gnp.PruneConfig(max_iterations=0))
-    first = update("nft", None, new=chunks[0], all=chunks[0], val=val, schedule=small,
+
+
+def _nft_first_and_two_updates(digits, **variant):
+    """A one-epoch first NFT model, then its next update with ONE_EPOCH and with `variant`."""
+    _, chunks, val = digits
+    first = update("nft", None, new=chunks[0], all=chunks[0], val=val, schedule=ONE_EPOCH,
                    build=_build, device="cpu", seed=1)
-    plain = update("nft", first.carry, new=chunks[1], all=chunks[1], val=val,
-                   schedule=small, device="cpu", seed=2)
-    shrunk = update("nft", first.carry, new=chunks[1], all=chunks[1], val=val,
-                    schedule=replace(small, shrink=0.5), device="cpu", seed=2)
+    plain, varied = (update("nft", first.carry, new=chunks[1], all=chunks[1], val=val,
+                            schedule=replace(ONE_EPOCH, **v), device="cpu", seed=2)
+                     for v in ({}, variant))
+    return first, plain, varied
+
+
+def test_shrink_applies_to_updates_of_a_trained_model_only(digits):
+    _, chunks, val = digits
+    first, plain, shrunk = _nft_first_and_two_updates(digits, shrink=0.5)
     fresh = update("nft", None, new=chunks[0], all=chunks[0], val=val, build=_build,
-                   schedule=replace(small, shrink=0.5), device="cpu", seed=1)
+                   schedule=replace(ONE_EPOCH, shrink=0.5), device="cpu", seed=1)
     w = lambda r: r.model.fc1.weight  # noqa: E731
     assert torch.equal(w(fresh), w(first))  # training from scratch: nothing to shrink
     assert not torch.allclose(w(plain), w(shrunk))
 
 
 def test_an_update_of_a_trained_model_peaks_at_the_training_lr_unless_told(digits):
-    ds, chunks, val = digits
-    small = replace(SMALL, new_epochs=0, all_epochs=0, baseline_epochs=1,
-                    prune=gnp.PruneConfig(max_iterations=0))
-    first = update("nft", None, new=chunks[0], all=chunks[0], val=val, schedule=small,
-                   build=_build, device="cpu", seed=1)
-    default = update("nft", first.carry, new=chunks[1], all=chunks[1], val=val,
-                     schedule=small, device="cpu", seed=2)
-    pinned = update("nft", first.carry, new=chunks[1], all=chunks[1], val=val,
-                    schedule=replace(small, incremental_lr=0.01), device="cpu", seed=2)
-    assert first.peak_lr == default.peak_lr == small.train.lr
+    first, default, pinned = _nft_first_and_two_updates(digits, incremental_lr=0.01)
+    assert first.peak_lr == default.peak_lr == ONE_EPOCH.train.lr
     assert pinned.peak_lr == 0.01
     assert not torch.allclose(default.model.fc1.weight, pinned.model.fc1.weight)
 
