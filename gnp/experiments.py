@@ -249,6 +249,17 @@ def _arguments(args: argparse.Namespace) -> dict:
                                  default=str))
 
 
+def _flat(doc: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 0.05}} -> {"train.lr": 0.05}."""
+    out = {}
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def _resumed(args: argparse.Namespace, out: Path, log) -> tuple[list[Row], dict[int, dict]]:
     """The rows and checkpoints of an earlier run into ``out`` with the same arguments.
 
@@ -268,9 +279,11 @@ def _resumed(args: argparse.Namespace, out: Path, log) -> tuple[list[Row], dict[
         raise ResumeError(f"--resume: {out} holds a run with other arguments ("
                          + ", ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now"
                                      for k in differ) + "); use another --out")
-    # The same arguments can mean another schedule when a default changed since.
-    was, will = doc.get("schedule", {}), _schedule_doc(schedule_of(args))
-    changed = sorted(k for k in set(was) | set(will) if "schedule" in doc and was.get(k) != will.get(k))
+    # The same arguments can mean another schedule when a default changed since. Fields
+    # added since the run are not in its record: a new field's default keeps the old
+    # behaviour, so only the recorded fields are compared.
+    was, will = _flat(doc.get("schedule", {})), _flat(_schedule_doc(schedule_of(args)))
+    changed = sorted(k for k in was if was[k] != will.get(k, was[k]))
     if changed:
         raise ResumeError(f"--resume: {out} ran another schedule ("
                           + ", ".join(f"{k}: {was.get(k)!r} there, {will.get(k)!r} now"

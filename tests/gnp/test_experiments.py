@@ -163,6 +163,18 @@ def test_a_stopped_run_resumes_where_it_stopped_with_the_same_results(tmp_path, 
     (parts / "results.json").write_text(json.dumps(doc_parts))
     assert main([*common, "--out", str(parts), "--resume"]) == 2
     assert "incremental_lr: 0.01 there, None now" in capsys.readouterr().err
+    doc_parts["schedule"]["incremental_lr"] = None
+    doc_parts["schedule"]["train"]["lr"] = 0.1  # nested fields too
+    (parts / "results.json").write_text(json.dumps(doc_parts))
+    assert main([*common, "--out", str(parts), "--resume"]) == 2
+    assert "train.lr: 0.1 there, 0.05 now" in capsys.readouterr().err
+    # A field added since the run (absent from its record) keeps the old behaviour by its
+    # default: not a reason to refuse.
+    doc_parts["schedule"]["train"]["lr"] = 0.05
+    del doc_parts["schedule"]["carry_unpruned"], doc_parts["schedule"]["finetune_epochs"]
+    (parts / "results.json").write_text(json.dumps(doc_parts))
+    assert main([*common, "--out", str(parts), "--resume"]) == 0
+    assert "seed 0 goes on after chunk 3" in capsys.readouterr().out
 
 
 def test_finetune_epochs_shortens_only_nft_updates_of_a_trained_model():
