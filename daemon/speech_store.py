@@ -309,17 +309,14 @@ def _chunk_ref(chunk) -> tuple[Path, int]:
     return path, file_crc32c(path) if crc is None else int(crc)
 
 
-def _sweep_cache(cache_dir: Path, chunks: Sequence, cfg: FeatureConfig | None) -> None:
-    """Delete the cache files no chunk of this update reads: chunks that left the store
-    (moved to orphans, quarantined, a crash's leftover) and temp files of a killed write.
-    The cache is derived data (recomputed from a chunk when missing), and an update reads
-    every chunk the model learns from, so whatever it does not read is dead weight."""
+def _sweep_cache(cache_dir: Path, keep: set[str]) -> None:
+    """Delete the cache files not named in ``keep`` (those this update's chunks read):
+    chunks that left the store (moved to orphans, quarantined, a crash's leftover) and
+    temp files of a killed write. The cache is derived data (recomputed from a chunk when
+    missing), and an update reads every chunk the model learns from, so whatever it does
+    not read is dead weight."""
     from daemon.manifest import TMP_SUFFIX
 
-    keep = set()
-    for chunk in chunks:
-        path, crc = _chunk_ref(chunk)
-        keep.add(mfcc_cache_path(cache_dir, path, crc, cfg).name)
     try:
         entries = list(Path(cache_dir).iterdir())
     except OSError:
@@ -348,9 +345,10 @@ def speech_sets(new: Sequence, old: Sequence, budget: int, cache_dir: Path,
     """
     from gnp.sequences import ChunkedSequenceData
 
-    train, val, in_memory = [], [], 0
+    train, val, in_memory, names = [], [], 0, set()
     for chunk in list(new) + list(old):
         path, crc = _chunk_ref(chunk)
+        names.add(mfcc_cache_path(cache_dir, path, crc, cfg).name)
         sets, cached = mfcc_cache(path, crc, cache_dir, cfg)
         train.append(sets["train"])
         val.append(sets["val"])
@@ -361,7 +359,7 @@ def speech_sets(new: Sequence, old: Sequence, budget: int, cache_dir: Path,
                 f"not be written (see the log), and the {in_memory:,} bytes held in memory "
                 f"instead exceed the replay budget of {budget:,} bytes; make the folder "
                 f"writable (and give it disk space) or raise GNPD_TRAIN__REPLAY_MEMORY_BYTES")
-    _sweep_cache(cache_dir, list(new) + list(old), cfg)
+    _sweep_cache(cache_dir, names)
     new_rows = sum(len(t) for t in train[:len(new)])
     if new_rows == 0 or not any(len(v) for v in val):
         return None

@@ -36,6 +36,7 @@ from gnp.data import (DATASETS, Data, fashion_mnist_available, idx_files_availab
 from gnp.export import save_compact
 from gnp.models import MODELS, build_model
 from gnp.policies import METHODS, Schedule, UpdateResult, update
+from gnp.report import schedule_changes
 from gnp.speech_protocol import (SPEECH_DATASETS, SPEECH_MODELS, first_chunks, speaker_protocol,
                                  speech_schedule)
 from gnp.tasks import CLASSIFICATION, Task
@@ -249,17 +250,6 @@ def _arguments(args: argparse.Namespace) -> dict:
                                  default=str))
 
 
-def _flat(doc: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 0.05}} -> {"train.lr": 0.05}."""
-    out = {}
-    for k, v in doc.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _resumed(args: argparse.Namespace, out: Path, log) -> tuple[list[Row], dict[int, dict]]:
     """The rows and checkpoints of an earlier run into ``out`` with the same arguments.
 
@@ -279,15 +269,11 @@ def _resumed(args: argparse.Namespace, out: Path, log) -> tuple[list[Row], dict[
         raise ResumeError(f"--resume: {out} holds a run with other arguments ("
                          + ", ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now"
                                      for k in differ) + "); use another --out")
-    # The same arguments can mean another schedule when a default changed since. Fields
-    # added since the run are not in its record: a new field's default keeps the old
-    # behaviour, so only the recorded fields are compared.
-    was, will = _flat(doc.get("schedule", {})), _flat(_schedule_doc(schedule_of(args)))
-    changed = sorted(k for k in was if was[k] != will.get(k, was[k]))
+    changed = schedule_changes(doc.get("schedule", {}), _schedule_doc(schedule_of(args)))
     if changed:
         raise ResumeError(f"--resume: {out} ran another schedule ("
-                          + ", ".join(f"{k}: {was.get(k)!r} there, {will.get(k)!r} now"
-                                      for k in changed)
+                          + ", ".join(f"{k}: {was!r} there, {now!r} now"
+                                      for k, (was, now) in changed.items())
                           + "); a default changed since: pass the old value or use another --out")
     done = {}
     for seed in args.seeds:

@@ -13,7 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["aggregate", "claims", "write_report", "markdown_table", "merge_baselines"]
+__all__ = ["aggregate", "claims", "write_report", "markdown_table", "merge_baselines",
+           "schedule_changes"]
 
 ERROR_MARGIN_PP = 0.2  # ours' error may exceed a baseline's by this much (seed means)
 MAX_EPOCH_RATIO = 0.5  # ours' epochs must be at most this share of each baseline's
@@ -296,6 +297,26 @@ def _run_seeds(doc: dict) -> list[int]:
     return list(seeds) if seeds is not None else sorted({r.get("seed", 0) for r in doc["rows"]})
 
 
+def _flat(doc: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 0.05}} -> {"train.lr": 0.05}."""
+    out = {}
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def schedule_changes(recorded: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """{"train.lr": (recorded value, current value)} for each schedule field (nested ones
+    as dotted names) that both records hold and that differs. The same arguments can mean
+    another schedule once a default changed, so runs are compared by what they recorded;
+    a field only one record holds was added since, and its default keeps the old behaviour."""
+    a, b = _flat(recorded), _flat(current)
+    return {k: (a[k], b[k]) for k in sorted(a) if k in b and a[k] != b[k]}
+
+
 def merge_seeds(out: Path, other: Path) -> list[dict]:
     """Rows of `out` plus the rows of seeds it lacks from `other`, a run of the same protocol
     and methods with other seeds (seeds run as separate processes)."""
@@ -303,6 +324,8 @@ def merge_seeds(out: Path, other: Path) -> list[dict]:
     more = json.loads((other / "results.json").read_text())
     differ = [k for k in (*_SAME_PROTOCOL, "methods", "compact", "incremental_lr")
               if doc["args"].get(k) != more["args"].get(k)]
+    differ += [f"schedule {k}" for k in schedule_changes(doc.get("schedule", {}),
+                                                           more.get("schedule", {}))]
     if differ:
         raise ValueError(f"{other} ran a different protocol ({', '.join(differ)} differ)")
     have = {r.get("seed", 0) for r in doc["rows"]}

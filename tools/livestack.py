@@ -228,10 +228,10 @@ class LiveStack:
         bad.write_text("\n".join(_BAD_MESSAGES) + "\n")
         base = [self.python, "-m", "daemon", "produce", "--bootstrap-servers", self.bootstrap,
                 "--quiet"]
+        data = (["--dataset", "digits"] if self.speech_dir is None else
+                ["--dataset", "fsdd", "--data-dir", str(self.speech_dir)])
         rounds = 0
         while not self._stop.is_set():
-            data = (["--dataset", "digits"] if self.speech_dir is None else
-                    ["--dataset", "fsdd", "--data-dir", str(self.speech_dir)])
             args = base + (["--file", str(bad)] if rounds % 2 == 0 else
                            [*data, "--shuffle", "--seed", str(rounds), "--rate", str(self.rate)])
             self._spawn("producer", args, {**os.environ, "PYTHONPATH": str(REPO)})

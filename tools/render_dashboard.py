@@ -188,13 +188,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --prometheus: draw the speech panels (word error rate)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "dashboard.png")
     args = parser.parse_args(argv)
+    titles = SPEECH_PANELS if args.speech or args.speech_dir else MAIN_PANELS
     if args.prometheus:
         end = time.time()
         start = end - args.minutes * 60
         step = args.step or max(args.minutes * 60 / 300, 1.0)
         render(args.prometheus, args.out, start=start, end=end, step=step,
                rate_interval=args.rate_interval or "1m",
-               titles=SPEECH_PANELS if args.speech else MAIN_PANELS)
+               titles=titles)
     else:
         from tools.livestack import LiveStack
 
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             end = time.time()
             render(live.prometheus_url, args.out, start=start, end=end, step=args.step or 1.0,
                    rate_interval=args.rate_interval or "10s",
-                   titles=MAIN_PANELS if args.speech_dir is None else SPEECH_PANELS,
+                   titles=titles,
                    note=f" (embedded broker, {data} at {args.rate:g} samples/s, chunks of "
                         f"{args.chunk_size}, quick schedule, CPU)")
     print(f"wrote {args.out}")

@@ -125,6 +125,13 @@ def test_report_merges_seeds_run_apart_only_from_the_same_protocol(tmp_path):
     assert "±" in md and "separate processes" in md
     with pytest.raises(ValueError, match="methods"):
         merge_seeds(first, other)
+    # The same arguments under a default that changed between the runs: the recorded
+    # schedules differ, so the seeds do not merge.
+    doc = json.loads((second / "results.json").read_text())
+    doc["schedule"]["incremental_lr"] = 0.01
+    (second / "results.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="schedule incremental_lr"):
+        merge_seeds(first, second)
 
 
 def test_a_stopped_run_resumes_where_it_stopped_with_the_same_results(tmp_path, capsys):
