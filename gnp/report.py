@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -344,6 +345,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="add the seeds this run lacks from another run of the same protocol")
     p.add_argument("--note", default="", help="a sentence to put above the table (how it was run)")
     args = p.parse_args(argv)
+    try:
+        rows, note = _merged(args)
+    except (OSError, ValueError) as e:  # a missing results.json, another protocol
+        print(f"gnp.report: {e}; nothing written", file=sys.stderr)
+        return 2
+    write_report(args.out, rows, note=" ".join(x for x in (args.note, note) if x).strip())
+    print(f"wrote {args.out}/results.md, results.png")
+    return 0
+
+
+def _merged(args) -> tuple[list[dict] | None, str]:
+    """The rows of `args.out` with the seeds and baselines the arguments name, and the
+    sentence that says where they came from."""
     rows = None
     if args.seeds_from:
         rows = []
@@ -358,9 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.baselines:
         rows = merge_baselines(args.out, b, rows)
     note = "".join(f"Rows of methods this run lacks from `{b}`. " for b in args.baselines)
-    write_report(args.out, rows, note=" ".join(x for x in (args.note, note_seeds + note) if x).strip())
-    print(f"wrote {args.out}/results.md, results.png")
-    return 0
+    return rows, note_seeds + note
 
 
 if __name__ == "__main__":

@@ -132,6 +132,9 @@ def test_report_merges_seeds_run_apart_only_from_the_same_protocol(tmp_path):
     (second / "results.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="schedule incremental_lr"):
         merge_seeds(first, second)
+    before = (first / "results.md").read_text()
+    assert report_main([str(first), "--seeds-from", str(second)]) == 2  # a message, no traceback
+    assert (first / "results.md").read_text() == before  # nothing written
 
 
 def test_a_stopped_run_resumes_where_it_stopped_with_the_same_results(tmp_path, capsys):
