@@ -1,7 +1,7 @@
 """Training throughput: gnp's trainer against a plain DataLoader loop, side by side.
 
     python -m gnp.bench [--device auto|cpu|cuda] [--model lenet-300-100] [--rounds 3]
-                        [--out docs/results]
+                        [--compile auto|none|MODE,...] [--out docs/results]
 
 Both train the same model on Fashion-MNIST (digits where it is missing) with the same
 batch size, optimiser settings and (when on) the same affine augmentation on the
@@ -14,7 +14,11 @@ device, and report samples/s:
 - compute floor (not a contender): forward, backward and a fused SGD step on one fixed
   batch, as many steps as an epoch has, with no data handling at all: no loop can beat
   it, so "floor / best DataLoader" is the most any data pipeline could gain over the
-  usual script on this device and model.
+  usual script on this device and model;
+- gnp with its training forward compiled (`TrainConfig.compile`, torch.compile modes:
+  `default`, and on CUDA `reduce-overhead`, which captures CUDA graphs), beside the
+  eager trainer, so the table says whether compiling pays on this device. Compilation
+  happens in the warm-up epoch and is not timed.
 Each round times one epoch of every contender in turn, so machine noise hits them
 alike; the table gives the median round and the ratio of medians.
 """
@@ -27,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -140,9 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the baseline")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--samples", type=int, default=None, help="train on the first N samples")
+    p.add_argument("--compile", default="auto",
+                   help="torch.compile modes to time beside the eager trainer, comma-separated "
+                        "(auto: default, plus reduce-overhead on CUDA; none: skip)")
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     args = p.parse_args(argv)
     device = resolve_device(args.device)
+    modes = compile_modes(args.compile, device)
     name = "fashion-mnist" if fashion_mnist_available() else "digits"
     data = load_dataset(name).train
     data = data.subset(slice(0, args.samples)) if args.samples else data
@@ -156,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                      args.workers)}
         if not augment:  # the floor has no data handling, augmentation included
             contenders["floor"] = floor_epoch(args.model, data, device, cfg)
+        for mode in modes:
+            contenders[f"compile-{mode}"] = gnp_epoch(args.model, data, device,
+                                                      replace(cfg, compile=mode))
         rates = compare(contenders, device, args.rounds)
         med = {k: statistics.median(v) for k, v in rates.items()}
         best = max(v for k, v in med.items() if k.startswith("dataloader"))
@@ -163,11 +175,21 @@ def main(argv: list[str] | None = None) -> int:
                "ratio_vs_best_dataloader": med["gnp"] / best}
         if "floor" in med:
             row["floor_vs_best_dataloader"] = med["floor"] / best
+        row["compiled_vs_eager"] = {m: med[f"compile-{m}"] / med["gnp"] for m in modes}
         rows.append(row)
         print(f"augment={augment}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in med.items())
               + f"; gnp / best DataLoader {med['gnp'] / best:.2f}x", flush=True)
     _save(args, device, name, len(data), rows, (load_before, _load()))
     return 0
+
+
+def compile_modes(spec: str, device: torch.device) -> list[str]:
+    """The torch.compile modes that `--compile` names."""
+    if spec == "none":
+        return []
+    if spec == "auto":
+        return ["default"] + (["reduce-overhead"] if device.type == "cuda" else [])
+    return [m.strip() for m in spec.split(",") if m.strip()]
 
 
 def _load() -> str:
@@ -204,6 +226,15 @@ def _save(args: argparse.Namespace, device: torch.device, dataset: str, n: int, 
         lines.append(f"| {'on' if r['augment'] else 'off'} | {m['gnp']:,.0f} | "
                      f"{m['dataloader-0']:,.0f} | {m[w]:,.0f} | {r['ratio_vs_best_dataloader']:.2f}x "
                      f"| {floor} |")
+    modes = [m for m in rows[0]["compiled_vs_eager"]] if rows else []
+    if modes:
+        lines += ["", "torch.compile of the training forward (`TrainConfig.compile`), timed beside "
+                  "the eager trainer in the same rounds (compilation in the warm-up, not timed):", "",
+                  "| augmentation | mode | samples/s | compiled / eager |", "|---|---|---|---|"]
+        for r in rows:
+            for m in modes:
+                lines.append(f"| {'on' if r['augment'] else 'off'} | {m} | "
+                             f"{r['median'][f'compile-{m}']:,.0f} | {r['compiled_vs_eager'][m]:.2f}x |")
     lines += ["", "The compute floor is the model's forward, backward and SGD step on one fixed "
               "batch, as many steps as an epoch, with no data handling: no training loop can "
               "beat it, so its ratio to the best DataLoader loop is the most a data pipeline "

@@ -163,6 +163,8 @@ def schedule_of(args: argparse.Namespace) -> Schedule:
         s = replace(s, unit_seed=args.unit_seed)
     if args.unit_growth is not None:
         s = replace(s, unit_growth=args.unit_growth)
+    if args.compile is not None:
+        s = replace(s, train=replace(s.train, compile=args.compile))
     return s
 
 
@@ -375,6 +377,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cgap: share of each layer's units in the seed (default Schedule.unit_seed)")
     p.add_argument("--unit-growth", type=float, default=None,
                    help="cgap: a growth step adds this x a layer's active units")
+    p.add_argument("--compile", default=None, metavar="MODE",
+                   help="torch.compile the training forward in this mode (default, "
+                        "reduce-overhead: CUDA graphs, ...); default eager, which is faster "
+                        "on CPU (python -m gnp.bench measures both)")
     p.add_argument("--save-models", action="store_true",
                    help="write each method's latest served model to OUT/models/ (safetensors)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

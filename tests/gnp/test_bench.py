@@ -2,12 +2,14 @@
 
 import json
 
+import torch
+
 from gnp import bench
 
 
 def test_bench_writes_rates_ratios_and_floor(tmp_path):
     assert bench.main(["--device", "cpu", "--samples", "512", "--rounds", "1", "--workers", "0",
-                       "--out", str(tmp_path)]) == 0
+                       "--compile", "none", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "train_throughput_cpu.json").read_text())
     assert [r["augment"] for r in doc["rows"]] == [False, True]
     off, on = doc["rows"]
@@ -23,3 +25,12 @@ def test_bench_writes_rates_ratios_and_floor(tmp_path):
     md = (tmp_path / "train_throughput_cpu.md").read_text()
     assert "compute floor" in md and "load average" in md
     assert md.count("\n| o") == 2  # one row per augmentation setting
+    assert "torch.compile" not in md and off["compiled_vs_eager"] == {}
+
+
+def test_compile_modes_of_the_bench():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert bench.compile_modes("auto", cpu) == ["default"]
+    assert bench.compile_modes("auto", cuda) == ["default", "reduce-overhead"]
+    assert bench.compile_modes("none", cuda) == []
+    assert bench.compile_modes("default, max-autotune", cpu) == ["default", "max-autotune"]

@@ -2,6 +2,7 @@
 current rate, local generators only, and pruning that goes on past a converged model's
 first unlucky step."""
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -94,3 +95,24 @@ def test_a_converged_dense_model_prunes_past_a_few_steps(digits):
     report = iterative_prune(t, train, val, PruneConfig(), base_lr=0.05)
     assert report.iterations >= 15 and report.active_after < 0.5 * dense
     assert report.stopped_by in {"accuracy", "max_iterations"}
+
+
+def test_compiled_training_matches_eager_and_keeps_dormant_weights_at_zero(digits):
+    """TrainConfig.compile trains the same model as eager (to float tolerance), masks
+    included: the compiled forward shares the model's parameters and mask buffers."""
+    _, chunks, _ = digits
+    base = gnp.build_model("lenet-300-100", (1, 8, 8), 10)
+    ts = [_trainer(copy.deepcopy(base)), _trainer(copy.deepcopy(base), compile="default")]
+    assert ts[0].forward is ts[0].model and ts[1].forward is not ts[1].model
+    gen = torch.Generator().manual_seed(0)
+    keep = {layer.name: torch.rand(layer.mask.shape, generator=gen) < 0.5 for layer in ts[0].masks}
+    losses = []
+    for t in ts:
+        t.masks.set(keep)
+        t.plan(2 * t.steps(len(chunks[0])))
+        losses.append([t.train_epoch(chunks[0]) for _ in range(2)])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    for eager, compiled in zip(ts[0].masks, ts[1].masks):
+        assert torch.allclose(eager.weight, compiled.weight, atol=1e-5)
+        assert not compiled.weight[~compiled.mask].any()
+        assert compiled.weight[compiled.mask].abs().sum() > 0
