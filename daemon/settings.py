@@ -366,6 +366,11 @@ class TrainSettings(_Section):
     augment: bool = Field(
         False, description="random affine distortions of image samples while training (off: "
                            "measured worse on Fashion-MNIST; the paper used them for MNIST)")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "off", description="torch.compile mode of the training forward (reduce-overhead: CUDA "
+                           "graphs); off = eager, which trains faster on CPU (python -m "
+                           "gnp.bench measures both on your device). Compiling costs each "
+                           "update's child seconds to a minute")
     torch_threads: int = Field(
         0, ge=0, le=256,
         description="torch intra-op threads of the training child; 0 = torch's default "

@@ -67,6 +67,7 @@ class Job:
     device: str = "auto"
     replay_memory_bytes: int = 2 * 2**30
     augment: bool = False  # the task's random distortions on training batches
+    compile: str = "off"  # torch.compile mode of the training forward ("off": eager)
     memory_limit_bytes: int = 0  # 0: no limit
     parent_pid: int = 0
     torch_threads: int = 0  # torch intra-op threads; 0: torch's default (every core)
@@ -109,6 +110,15 @@ def _convert(hint: Any, value: Any) -> Any:
     if isinstance(value, list) and typing.get_origin(hint) is tuple:
         return tuple(value)
     return value
+
+
+def _job_schedule(job: Job, speech: bool = False) -> Any:
+    """The job's schedule with the daemon's training settings (memory, augmentation,
+    compilation) applied."""
+    schedule = _schedule(job.schedule, speech)
+    return dataclasses.replace(schedule, train=dataclasses.replace(
+        schedule.train, resident_bytes=job.replay_memory_bytes, augment=job.augment,
+        compile=None if job.compile == "off" else job.compile))
 
 
 def _schedule(spec: Any, speech: bool = False) -> Any:
@@ -286,9 +296,7 @@ def _train(job: Job, data: Any, stop: _Stop) -> tuple[dict[str, Any], Any]:
              len(val))
     speech = _is_speech(job.model_name)
     task = {"task": _speech_task()} if speech else {}  # CTC: the metric is 1 - WER
-    schedule = _schedule(job.schedule, speech)
-    schedule = dataclasses.replace(schedule, train=dataclasses.replace(
-        schedule.train, resident_bytes=job.replay_memory_bytes, augment=job.augment))
+    schedule = _job_schedule(job, speech)
     res = update(job.method, base, new=new, all=replay, val=val, schedule=schedule,
                  build=registry.build, device=job.device, progress=_progress_logger(),
                  should_stop=stop, seed=job.seed, **task)

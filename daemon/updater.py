@@ -74,6 +74,7 @@ class UpdatePolicy:
     nice: int = 10  # added to the child's niceness: serving and ingestion go first
     keep_versions: int = 20
     augment: bool = False
+    compile: str = "off"  # torch.compile mode of the training forward, or "off"
     update_fn: str = "gnp:update"
     evaluate_fn: str = "gnp:evaluate"
 
@@ -89,7 +90,8 @@ class UpdatePolicy:
                    replay_memory_bytes=int(t.replay_memory_bytes),
                    child_memory_bytes=int(t.child_memory_bytes),
                    torch_threads=int(t.torch_threads), nice=int(t.nice),
-                   keep_versions=int(settings.model.keep_versions), augment=bool(t.augment))
+                   keep_versions=int(settings.model.keep_versions), augment=bool(t.augment),
+                   compile=str(t.compile))
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,7 @@ class UpdateWorker:
             schedule=schedule_to_json(self.policy.schedule), method=self.policy.method,
             device=self.policy.device,
             replay_memory_bytes=self.policy.replay_memory_bytes, augment=self.policy.augment,
+            compile=self.policy.compile,
             memory_limit_bytes=self.policy.child_memory_bytes, parent_pid=os.getpid(),
             torch_threads=self.policy.torch_threads, nice=self.policy.nice,
             # each update draws its own shuffles and dropout; a retry of the same chunks the same

@@ -122,6 +122,19 @@ def records_seed(method, model, **kw):
     return fake_result(model, **kw)
 
 
+TRAIN_ENV = "GNPD_TEST_TRAIN_FILE"
+
+
+def records_train_config(method, model, **kw):
+    """Writes the schedule's TrainConfig the update was given to $GNPD_TEST_TRAIN_FILE."""
+    import dataclasses
+    import json
+
+    with open(os.environ[TRAIN_ENV], "w") as f:
+        json.dump(dataclasses.asdict(kw["schedule"].train), f)
+    return fake_result(model, **kw)
+
+
 def sleepy(method, model, **kw):
     """Takes a few seconds, like a real update (for races with a rollback)."""
     import time

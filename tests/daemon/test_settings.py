@@ -156,3 +156,13 @@ def test_train_method_from_env_reaches_the_update_policy(monkeypatch: pytest.Mon
     monkeypatch.setenv("GNPD_TRAIN__METHOD", "tfs")
     with pytest.raises(Exception, match="method"):
         Settings()
+
+
+def test_train_compile_from_env_reaches_the_update_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.updater import UpdatePolicy
+    assert UpdatePolicy.from_settings(Settings()).compile == "off"
+    monkeypatch.setenv("GNPD_TRAIN__COMPILE", "reduce-overhead")
+    assert UpdatePolicy.from_settings(Settings()).compile == "reduce-overhead"
+    monkeypatch.setenv("GNPD_TRAIN__COMPILE", "fast")
+    with pytest.raises(Exception, match="compile"):
+        Settings()

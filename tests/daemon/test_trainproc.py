@@ -428,3 +428,19 @@ def test_each_update_is_seeded_by_its_first_new_chunk(env, tmp_path, monkeypatch
     first, second = (int(v) for v in out.read_text().split())
     ids = [int(c.id) for c in env.store.chunks()]
     assert (first, second) == (ids[0], ids[1]) and first != second
+
+
+def test_the_daemons_training_settings_reach_the_update(env, tmp_path, monkeypatch):
+    """GNPD_TRAIN__AUGMENT, __COMPILE and __REPLAY_MEMORY_BYTES end up in the schedule the
+    child's update trains with ("off" is eager: no compile mode)."""
+    out = tmp_path / "train.json"
+    monkeypatch.setenv("GNPD_TEST_TRAIN_FILE", str(out))
+    env.seal()
+    for compile_mode, augment in (("reduce-overhead", True), ("off", False)):
+        worker = env.worker(update_fn=FAKE + "records_train_config", compile=compile_mode,
+                            augment=augment, replay_memory_bytes=12345)
+        assert worker.update_pending().outcome == "success"
+        train = json.loads(out.read_text())
+        assert train["compile"] == (None if compile_mode == "off" else compile_mode)
+        assert train["augment"] is augment and train["resident_bytes"] == 12345
+        env.seal(2)
