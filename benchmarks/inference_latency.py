@@ -1,11 +1,12 @@
 """Inference latency: dense vs masked vs physically compacted models (gnp.compact).
 
     python benchmarks/inference_latency.py --models docs/results/cgap-lenet300/models \\
-        --out docs/results/inference_latency [--threads 2,1] [--batches 1,256]
+        --out docs/results/inference_latency [--threads 2,1] [--batches 1,256] [--device cuda]
 
 Loads the models an experiment saved with --save-models (the last update of each
 method) and measures, for each thread count and batch size, the wall time of one
-forward pass (torch.inference_mode, eval mode, CPU) of:
+forward pass (torch.inference_mode, eval mode, on the CPU or with --device cuda on the GPU,
+synchronised after each round) of:
 
 - dense: TFS's served model as a plain full-width module (masks folded into the
   weights, mask buffers dropped): the cost of any dense LeNet-300-100;
@@ -13,6 +14,8 @@ forward pass (torch.inference_mode, eval mode, CPU) of:
 - compact (ours), compact (ours, non-recoverable), compact (cgap), compact (cgap,
   non-recoverable): gnp.compact's plain dense models with the inactive units sliced away;
 - floor: the same layers one unit wide, what a forward pass costs besides arithmetic.
+The cgap rows need cgap.safetensors (--cgap-models, or --models); without it they are
+left out.
 
 Each row gives the test error of that model, its parameters, its file size (a
 safetensors file of its state: weights, masks where it has them) and, per setting,
@@ -41,7 +44,7 @@ from gnp.compact import compact_model, count_macs, save_dense
 from gnp.data import load_dataset
 from gnp.masks import MASK, Masks
 from gnp.models import build_model
-from gnp.train import evaluate
+from gnp.train import evaluate, resolve_device
 from gnp.units import UnitMasks
 
 
@@ -83,6 +86,11 @@ def _bytes(model: torch.nn.Module) -> int:
         return save_dense(model, Path(d) / "m.safetensors")
 
 
+def _sync(x: torch.Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+
+
 def _time(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int,
           budget_s: float) -> dict[str, dict[str, float]]:
     """Per forward pass, in microseconds, over `rounds` interleaved rounds: wall-clock median,
@@ -96,9 +104,11 @@ def _time(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int,
         for name, m in models.items():  # warm up; size each round to ~budget_s / rounds
             for _ in range(5):
                 m(x)
+            _sync(x)
             t0 = time.perf_counter()
             for _ in range(10):
                 m(x)
+            _sync(x)
             per = (time.perf_counter() - t0) / 10
             calls[name] = max(1, int(budget_s / rounds / len(models) / max(per, 1e-7)))
         wall: dict[str, list[float]] = {name: [] for name in models}
@@ -108,6 +118,7 @@ def _time(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int,
                 c0, t0 = time.process_time(), time.perf_counter()
                 for _ in range(calls[name]):
                     m(x)
+                _sync(x)
                 wall[name].append((time.perf_counter() - t0) / calls[name] * 1e6)
                 cpu[name].append((time.process_time() - c0) / calls[name] * 1e6)
     out = {}
@@ -130,36 +141,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,256")
     p.add_argument("--rounds", type=int, default=41)
     p.add_argument("--budget-s", type=float, default=12.0, help="timed seconds per setting")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
+    device = resolve_device(args.device)
     ds = load_dataset(args.dataset)
     shape, classes = tuple(ds.input_shape), ds.num_classes
     f = lambda tag, d=args.models: _load(d / f"{tag}.safetensors", args.model, shape, classes)  # noqa: E731
     cgap_dir = args.cgap_models or args.models
-    tfs, ours, cgap = f("tfs"), f("ours"), f("cgap", cgap_dir)
-    models = {"dense (tfs weights, no masks)": _plain(tfs), "masked (ours)": ours,
-              "masked (cgap)": cgap, "compact (ours)": compact_model(ours)}
+    tfs, ours = f("tfs"), f("ours")
+    cgap = f("cgap", cgap_dir) if (cgap_dir / "cgap.safetensors").exists() else None
+    models = {"dense (tfs weights, no masks)": _plain(tfs), "masked (ours)": ours}
+    if cgap is not None:
+        models["masked (cgap)"] = cgap
+    models["compact (ours)"] = compact_model(ours)
     nonrec = args.models / "ours-nonrecoverable.safetensors"
     if nonrec.exists():
         models["compact (ours, non-recoverable)"] = compact_model(f("ours-nonrecoverable"))
-    models["compact (cgap)"] = compact_model(cgap)
+    if cgap is not None:
+        models["compact (cgap)"] = compact_model(cgap)
     if (cgap_dir / "cgap-nonrecoverable.safetensors").exists():
         models["compact (cgap, non-recoverable)"] = compact_model(f("cgap-nonrecoverable", cgap_dir))
-    models["floor: 1 unit per hidden layer"] = _floor(cgap)
+    models["floor: 1 unit per hidden layer"] = _floor(cgap if cgap is not None else tfs)
+    models = {name: m.to(device) for name, m in models.items()}
     rows = []
-    for name, m in models.items():
+    for name, m in models.items():  # (back on the device after the CPU-side counts)
         rows.append({"model": name, "test_error_pct": 100.0 * (1.0 - evaluate(m, ds.test)),
                      "params": sum(q.numel() for q in m.parameters()),
                      "active_params": sum(q.numel() for q in m.parameters()) - sum(
                          int((~b).sum()) for n, b in m.named_buffers() if n.endswith(MASK)),
-                     "macs": count_macs(m, shape), "file_bytes": _bytes(m),
+                     "macs": count_macs(m, shape), "file_bytes": _bytes(m.cpu()),
                      "widths": [tuple(q.shape) for n, q in m.named_parameters() if n.endswith("weight")],
                      "latency_us": {}})
+        m.to(device)
     load_before = os.getloadavg()
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for batch in (int(b) for b in args.batches.split(",")):
-            x = ds.test.x[:batch].float() if hasattr(ds.test, "x") else None
+            x = ds.test.x[:batch].float().to(device)
             res = _time(models, x, args.rounds, args.budget_s)
             for row in rows:
                 row["latency_us"][f"{threads}t/b{batch}"] = res[row["model"]]
@@ -170,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"command": "python benchmarks/inference_latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_average_before": load_before,
            "load_average_after": load_after, "cpus": os.cpu_count(), "torch": torch.__version__,
-           "platform": platform.platform(), "rows": rows}
+           "platform": platform.platform(), "device": str(device),
+           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+           "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     args.out.with_suffix(".md").write_text(_markdown(doc))
@@ -182,7 +203,8 @@ def _markdown(doc: dict) -> str:
     rows = doc["rows"]
     settings = list(rows[0]["latency_us"])
     dense = rows[0]["latency_us"]
-    lines = ["# Inference latency (CPU)\n", f"Command: `{doc['command']}`  ",
+    where = f"GPU: {doc['gpu']}" if doc.get("gpu") else "CPU"
+    lines = [f"# Inference latency ({where})\n", f"Command: `{doc['command']}`  ",
              f"Date: {doc['date']}; {doc['cpus']} CPUs, shared with other work; load average "
              f"(1, 5, 15 min) before {tuple(round(v, 2) for v in doc['load_average_before'])}, "
              f"after {tuple(round(v, 2) for v in doc['load_average_after'])}; torch {doc['torch']}.\n",
