@@ -148,21 +148,17 @@ def test_legal_topic_names() -> None:
     assert Settings(kafka={"topic": "t" * 245}).kafka.effective_dlq_topic == "t" * 245 + ".dlq"
 
 
-def test_train_method_from_env_reaches_the_update_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("field, default, value, bad", [
+    ("method", "ours", "cgap", "tfs"),
+    ("compile", "off", "reduce-overhead", "fast"),
+])
+def test_train_settings_from_env_reach_the_update_policy(
+        monkeypatch: pytest.MonkeyPatch, field: str, default: str, value: str, bad: str) -> None:
     from daemon.updater import UpdatePolicy
-    assert UpdatePolicy.from_settings(Settings()).method == "ours"
-    monkeypatch.setenv("GNPD_TRAIN__METHOD", "cgap")
-    assert UpdatePolicy.from_settings(Settings()).method == "cgap"
-    monkeypatch.setenv("GNPD_TRAIN__METHOD", "tfs")
-    with pytest.raises(Exception, match="method"):
-        Settings()
-
-
-def test_train_compile_from_env_reaches_the_update_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    from daemon.updater import UpdatePolicy
-    assert UpdatePolicy.from_settings(Settings()).compile == "off"
-    monkeypatch.setenv("GNPD_TRAIN__COMPILE", "reduce-overhead")
-    assert UpdatePolicy.from_settings(Settings()).compile == "reduce-overhead"
-    monkeypatch.setenv("GNPD_TRAIN__COMPILE", "fast")
-    with pytest.raises(Exception, match="compile"):
+    env = f"GNPD_TRAIN__{field.upper()}"
+    assert getattr(UpdatePolicy.from_settings(Settings()), field) == default
+    monkeypatch.setenv(env, value)
+    assert getattr(UpdatePolicy.from_settings(Settings()), field) == value
+    monkeypatch.setenv(env, bad)
+    with pytest.raises(Exception, match=field):
         Settings()
