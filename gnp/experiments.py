@@ -174,9 +174,11 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
     schedule, methods = schedule_of(args), args.methods.split(",")
     device = resolve_device(args.device)
     task = _task(ds)
-    if args.split == "speakers":
-        return speaker_protocol(args, ds, schedule, device, lambda rows: _write_json(out, args, rows), log)
     rows, done = _resumed(args, out, log) if args.resume else ([], {})
+    if args.split == "speakers":
+        return speaker_protocol(args, ds, schedule, device,
+                                lambda rows: _write_json(out, args, rows), log, rows, done,
+                                lambda seed, k, carry: _checkpoint(out, seed, k, carry))
     bar = tqdm(total=len(args.seeds) * min(args.chunks, args.stop_after or args.chunks) * len(methods), unit="update",
                file=sys.stderr, disable=args.no_progress, initial=len(rows))
     for seed in args.seeds:
@@ -413,8 +415,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "--dataset digits runs anywhere")
     if args.dataset in SPEECH_DATASETS and not args.data_dir:
         p.error(f"--dataset {args.dataset} needs --data-dir, the directory of its WAV files")
-    if args.resume and args.split == "speakers":
-        p.error("--resume is not supported with --split speakers yet")
     if args.split == "speakers" and args.dataset not in SPEECH_DATASETS:
         p.error("--split speakers needs a speech data set (fsdd)")
     if args.first_fraction is not None and not 0 < args.first_fraction <= 1:

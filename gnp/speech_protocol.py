@@ -66,8 +66,14 @@ def _by_group(data: SequenceData, groups: set[str]) -> SequenceData | None:
 
 
 def speaker_protocol(args: argparse.Namespace, ds, schedule: Schedule, device: torch.device,
-                     save: Callable[[list], None], log=print) -> list:
-    """Run the speaker-incremental scenario; returns experiments.Row objects."""
+                     save: Callable[[list], None], log=print, rows: list | None = None,
+                     done: dict[int, dict] | None = None,
+                     checkpoint: Callable[[int, int, dict], None] | None = None) -> list:
+    """Run the speaker-incremental scenario; returns experiments.Row objects.
+
+    `rows` and `done` are a resumed run's (experiments._resumed): a seed in `done` goes on
+    after its checkpointed update with the carried models; `checkpoint(seed, k, carry)`
+    is called once every method has learnt update k."""
     from gnp.experiments import _row  # the harness's row (import here: no cycle at load)
     from gnp.models import build_model
 
@@ -75,15 +81,18 @@ def speaker_protocol(args: argparse.Namespace, ds, schedule: Schedule, device: t
     task = ds.task
     speakers = sorted(set(ds.train.groups))
     n_updates = min(len(speakers), args.stop_after or len(speakers))
+    rows, done = list(rows or []), done or {}
     bar = tqdm(total=len(args.seeds) * n_updates * len(methods), unit="update",
-               file=sys.stderr, disable=args.no_progress)
-    rows = []
+               file=sys.stderr, disable=args.no_progress, initial=len(rows))
     for seed in args.seeds:
         order = speakers[seed % len(speakers):] + speakers[: seed % len(speakers)]
         order, chunks, vals = speaker_split(ds.train, VAL_SHARE, seed, order)
         carry = {m: None for m in methods}
         build = lambda: build_model(args.model, ds.input_shape, ds.num_classes)  # noqa: E731
-        for k in range(1, n_updates + 1):
+        start = 1
+        if seed in done:
+            start, carry = done[seed]["chunk"] + 1, done[seed]["carry"]
+        for k in range(start, n_updates + 1):
             seen = set(order[:k])
             all_data, val = SequenceData.concat(chunks[:k]), SequenceData.concat(vals[:k])
             test_seen = _by_group(ds.test, seen)
@@ -108,6 +117,8 @@ def speaker_protocol(args: argparse.Namespace, ds, schedule: Schedule, device: t
                     f"{'-' if unseen is None else f'{unseen:.2f}%'} params {row.active_params} "
                     f"epochs {row.epochs:.2f} ({row.wall_seconds:.0f}s)")
                 save(rows)
+            if checkpoint is not None:
+                checkpoint(seed, k, carry)
     bar.close()
     return rows
 

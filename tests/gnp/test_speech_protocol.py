@@ -69,3 +69,21 @@ def test_speaker_split_reports_seen_and_unseen(wavs, tmp_path):
     assert all(r["unseen_error_pct"] is None for r in rows[2:])
     md = (out / "results.md").read_text()
     assert "WER seen %" in md and (out / "results-speakers.png").is_file()
+
+
+def test_a_stopped_speaker_run_resumes_with_the_same_results(wavs, tmp_path, capsys):
+    common = ["--model", "deepspeech2-hlstm-tiny", "--dataset", "fsdd", "--data-dir", str(wavs),
+              "--split", "speakers", "--methods", "ours,nft", "--quick", "--no-progress"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert experiments.main([*common, "--out", str(whole)]) == 0
+    assert experiments.main([*common, "--out", str(parts), "--stop-after", "1"]) == 0
+    assert (parts / "checkpoints" / "seed0.pt").exists()
+    assert experiments.main([*common, "--out", str(parts), "--resume"]) == 0
+    assert "seed 0 goes on after chunk 1" in capsys.readouterr().out
+
+    def rows(folder):
+        return [{k: v for k, v in r.items() if k != "wall_seconds"}
+                for r in json.loads((folder / "results.json").read_text())["rows"]]
+    assert [(r["speakers"], r["method"]) for r in rows(parts)] == [
+        ("ann", "ours"), ("ann", "nft"), ("ann+bob", "ours"), ("ann+bob", "nft")]
+    assert rows(parts) == rows(whole)
