@@ -5,9 +5,11 @@
 # Here, once per session (copies the data into git-ignored folders that travel):
 #     bash tools/gpu_checks.sh --stage
 # On the GPU machine (the device tool's `run`, carry [".fmnist", ".fsdd"]):
-#     bash tools/gpu_checks.sh bench protocol latency      # or any of the sections
+#     bash tools/gpu_checks.sh tests bench protocol latency     # or any of the sections
 #
 # Sections (each bounded by its own timeout, so one slow part leaves the others' output):
+#   tests     tests/gnp/test_cuda.py: every model and update kind on CUDA, compiled training
+#             (CUDA graphs included) equal to eager                              (~1 min)
 #   bench     python -m gnp.bench on CUDA: the trainer against a DataLoader loop, eager
 #             against torch.compile (default, reduce-overhead = CUDA graphs)   (~2 min)
 #   protocol  the 3-method LeNet-300-100 protocol on the full Fashion-MNIST, seed 0, and
@@ -28,7 +30,7 @@ if [[ "${1:-}" == "--stage" ]]; then
     exit 0
 fi
 
-SECTIONS=" bench protocol lenet5 speech latency "
+SECTIONS=" tests bench protocol lenet5 speech latency "
 [[ $# -gt 0 ]] || { echo "usage: $0 --stage | SECTION... ($(echo $SECTIONS))" >&2; exit 2; }
 for section in "$@"; do
     [[ "$SECTIONS" == *" $section "* ]] || {
@@ -58,6 +60,7 @@ timed() {  # timed SECONDS NAME command...: run it with a bound, log its wall ti
 
 for section in "$@"; do
     case "$section" in
+        tests) timed 300 tests $PY -m pytest -q -p no:cacheprovider tests/gnp/test_cuda.py ;;
         bench) timed 240 bench $PY -m gnp.bench --device cuda --out "$OUT" ;;
         protocol) timed 420 protocol $PY -m gnp.experiments --model lenet-300-100 \
             --dataset fashion-mnist --chunks 10 --methods ours,tfs,nft --compact --save-models \
