@@ -68,7 +68,7 @@ from starlette.types import Receive, Scope, Send
 
 from daemon.arrow_batch import ARROW_CONTENT_TYPE
 from daemon.auth import UNAUTHORIZED_DETAIL, Dependency, bearer_check, require_token
-from daemon.batching import Arrival, DynamicBatcher, Overloaded
+from daemon.batching import DynamicBatcher, Overloaded
 from daemon.messages import (load_json, matches_input_shape, may_hold_bools, numeric_array,
                              shape_rule)
 from daemon.metrics import Metrics

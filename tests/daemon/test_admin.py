@@ -9,45 +9,27 @@ import gnp
 from daemon.admin import admin_router
 from daemon.app import Daemon
 from daemon.control import ModelControl
-from daemon.messages import Sample
 from daemon.metrics import Metrics
-from daemon.registry import ModelRegistry, ModelVersion, ServedModel
+from daemon.registry import ModelVersion, ServedModel
 from daemon.serving import HttpServer, create_app
 from daemon.settings import Settings
-from daemon.store import ChunkStore
-from daemon.updater import UpdatePolicy, UpdateWorker
+from daemon.updater import UpdatePolicy
 from tests.daemon.fake_updates import ACCURACY_ENV, set_marker
+from tests.daemon.update_env import FAKE, SHAPE, UpdateEnv, digits_arrays
 
 pytestmark = pytest.mark.integration
 
-SHAPE = (1, 8, 8)
 CHUNK = 100
-FAKE = "tests.daemon.fake_updates:"
 
 
 @pytest.fixture(scope="module")
 def digits():
-    d = gnp.load_dataset("digits").train
-    return d.x.numpy().reshape(len(d), -1), d.y.numpy()
+    return digits_arrays()
 
 
-class Env:
+class Env(UpdateEnv):
     def __init__(self, tmp_path, digits) -> None:
-        self.x, self.y = digits
-        self.store = ChunkStore(tmp_path / "store", CHUNK, SHAPE, val_fraction=0.2)
-        self.registry = ModelRegistry(tmp_path / "models", "lenet-300-100", SHAPE, 10)
-        self.served, self.metrics = ServedModel(SHAPE), Metrics()
-        self.offset = 0
-
-    def seal(self) -> None:
-        rows = range(self.offset, self.offset + CHUNK)
-        self.store.append([Sample(self.x[i], int(self.y[i]), 0, i) for i in rows])
-        self.offset += CHUNK
-
-    def worker(self, **policy) -> UpdateWorker:
-        policy = {"device": "cpu", "update_fn": FAKE + "ok", **policy}
-        return UpdateWorker(self.store, self.registry, self.served, self.metrics,
-                            UpdatePolicy(**policy))
+        super().__init__(tmp_path, digits, CHUNK, update_fn=FAKE + "ok")
 
     def version(self, marker: float, parent: int | None, seen: tuple[str, ...]) -> ModelVersion:
         """Save a version whose evaluate_marker "accuracy" is ``marker``."""
@@ -57,9 +39,6 @@ class Env:
             version=0, parent=parent, created=0.0, model_name="", input_shape=(),
             num_classes=0, chunk_ids=seen[-1:], seen_chunk_ids=seen, val_accuracy=marker,
             store_id=self.store.store_id))
-
-    def sample(self, name: str) -> float:
-        return self.metrics.registry.get_sample_value(name) or 0.0
 
 
 @pytest.fixture

@@ -22,54 +22,28 @@ import numpy as np
 import pytest
 
 import gnp
-from daemon.messages import Sample
-from daemon.metrics import Metrics
-from daemon.registry import ModelRegistry, ModelVersion, ServedModel
+from daemon.registry import ModelVersion
 from daemon.replay import ChunkView, chunked, row_bytes
 from daemon.serving import HttpServer, create_app
 from daemon.store import ChunkStore
-from daemon.updater import UpdatePolicy, UpdateWorker
+from tests.daemon.update_env import FAKE, SHAPE, TINY, UpdateEnv, digits_arrays
 from tools.harness import LogSeen
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SHAPE = (1, 8, 8)
 CHUNK = 200
-TINY = gnp.Schedule(new_epochs=1, all_epochs=1, baseline_epochs=2, grow_every=1,
-                    prune=gnp.PruneConfig(max_iterations=2, retrain_epochs=0.5))
 SLOW = gnp.Schedule(new_epochs=400, all_epochs=400, baseline_epochs=800)
-FAKE = "tests.daemon.fake_updates:"
 
 
 @pytest.fixture(scope="module")
 def digits():
-    d = gnp.load_dataset("digits").train
-    return d.x.numpy().reshape(len(d), -1), d.y.numpy()
+    return digits_arrays()
 
 
-class Env:
+class Env(UpdateEnv):
     def __init__(self, tmp_path, digits) -> None:
-        self.x, self.y, self.path = *digits, tmp_path
-        self.store = ChunkStore(tmp_path / "store", CHUNK, SHAPE, val_fraction=0.2)
-        self.registry = ModelRegistry(tmp_path / "models", "lenet-300-100", SHAPE, 10)
-        self.served, self.metrics = ServedModel(SHAPE), Metrics()
-        self.offset = 0
-
-    def seal(self, chunks: int = 1) -> None:
-        for _ in range(chunks):
-            rows = range(self.offset, self.offset + CHUNK)
-            self.store.append([Sample(self.x[i % len(self.x)], int(self.y[i % len(self.y)]),
-                                      0, i) for i in rows])
-            self.offset += CHUNK
-
-    def worker(self, **policy) -> UpdateWorker:
-        policy = {"device": "cpu", "schedule": TINY, "max_accuracy_drop": 1.0, **policy}
-        return UpdateWorker(self.store, self.registry, self.served, self.metrics,
-                            UpdatePolicy(**policy))
-
-    def sample(self, name: str, labels: dict | None = None) -> float:
-        return self.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+        super().__init__(tmp_path, digits, CHUNK, schedule=TINY, max_accuracy_drop=1.0)
 
 
 @pytest.fixture

@@ -14,52 +14,24 @@ import pytest
 import torch
 
 import gnp
-from daemon.messages import Sample
-from daemon.metrics import Metrics
-from daemon.registry import ModelRegistry, ModelVersion, ServedModel
-from daemon.store import ChunkStore
-from daemon.updater import UpdatePolicy, UpdateWorker
+from daemon.registry import ModelVersion
+from daemon.updater import UpdatePolicy
+from tests.daemon.update_env import FAKE, SHAPE, TINY, UpdateEnv, digits_arrays
 
-SHAPE = (1, 8, 8)
 CHUNK = 200
-TINY = gnp.Schedule(new_epochs=1, all_epochs=1, baseline_epochs=2, grow_every=1,
-                    prune=gnp.PruneConfig(max_iterations=2, retrain_epochs=0.5))
-FAKE = "tests.daemon.fake_updates:"
 
 
 @pytest.fixture(scope="module")
 def digits():
-    d = gnp.load_dataset("digits").train
-    return d.x.numpy().reshape(len(d), -1), d.y.numpy()
+    return digits_arrays()
 
 
-class Env:
+class Env(UpdateEnv):
     """A store, registry, served model and metrics in tmp_path, plus a worker factory."""
 
     def __init__(self, tmp_path, digits) -> None:
-        self.x, self.y = digits
-        self.path = tmp_path
-        self.store = ChunkStore(tmp_path / "store", CHUNK, SHAPE, val_fraction=0.2)
-        self.registry = ModelRegistry(tmp_path / "models", "lenet-300-100", SHAPE, 10)
-        self.served, self.metrics = ServedModel(SHAPE), Metrics()
-        self.offset = 0
-
-    def seal(self, chunks: int = 1) -> None:
-        for _ in range(chunks):
-            rows = range(self.offset, self.offset + CHUNK)
-            self.store.append([Sample(self.x[i % len(self.x)], int(self.y[i % len(self.y)]), 0, i)
-                               for i in rows])
-            self.offset += CHUNK
-
-    def worker(self, update_fn: str = "gnp:update", **policy) -> UpdateWorker:
-        policy = {"device": "cpu", "schedule": TINY, "max_accuracy_drop": 1.0,
-                  "update_fn": update_fn, **policy}
-        return UpdateWorker(self.store, self.registry, self.served, self.metrics,
-                            UpdatePolicy(**policy))
-
-    def sample(self, name: str, labels: dict | None = None) -> float:
-        value = self.metrics.registry.get_sample_value(name, labels or {})
-        return 0.0 if value is None else value
+        super().__init__(tmp_path, digits, CHUNK, schedule=TINY, max_accuracy_drop=1.0,
+                         update_fn="gnp:update")
 
     def learnt_first_chunk(self) -> None:
         """Seal chunk 1 and serve a saved (untrained) version that learnt it: no update run."""
