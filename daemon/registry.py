@@ -36,6 +36,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from daemon.manifest import TMP_SUFFIX, write_atomic
+
 __all__ = [
     "CheckpointError",
     "ModelRegistry",
@@ -49,7 +51,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "gnpd-checkpoint/1"
-_TMP = ".tmp"
+_TMP = TMP_SUFFIX
 _NAME = re.compile(r"^v(\d{6,})\.(json|safetensors)$")
 
 Builder = Callable[[str, tuple[int, ...], int], nn.Module]
@@ -146,28 +148,6 @@ def _default_builder(name: str, input_shape: tuple[int, ...], num_classes: int) 
     return gnp.build_model(name, input_shape=input_shape, num_classes=num_classes)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temp file and a rename (no temp left behind)."""
-    tmp = path.with_name(path.name + _TMP)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ModelRegistry:
     """Versioned checkpoints of one model architecture in one folder.
 
@@ -221,10 +201,10 @@ class ModelRegistry:
                 model_name=self.model_name, input_shape=self.input_shape,
                 num_classes=self.num_classes, weights_sha256=hashlib.sha256(blob).hexdigest())
             try:
-                _write_atomic(self._file(number, "safetensors"), blob)
+                # weights first, durable, then the metadata that makes the version exist
+                write_atomic(self._file(number, "safetensors"), lambda f: f.write(blob))
                 text = json.dumps(version.to_dict(), indent=2, sort_keys=True) + "\n"
-                _write_atomic(self._file(number, "json"), text.encode())
-                _fsync_dir(self.path)
+                write_atomic(self._file(number, "json"), lambda f: f.write(text.encode()))
             except BaseException:  # e.g. ENOSPC: leave no half version behind
                 self._file(number, "safetensors").unlink(missing_ok=True)
                 raise

@@ -332,15 +332,13 @@ def _save_candidate(model: Any, out: Path) -> str:
     """Write the candidate (temp file + rename); any failure here is a storage error."""
     import safetensors.torch
 
+    from daemon.manifest import write_atomic
+
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    final, tmp = out / "candidate.safetensors", out / "candidate.safetensors.tmp"
+    final = out / "candidate.safetensors"
     try:
         blob = safetensors.torch.save(tensors)
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        write_atomic(final, lambda f: f.write(blob))
     except OSError:
         raise
     except Exception as e:  # safetensors' own error types: still not the data's fault
