@@ -163,17 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     if (cgap_dir / "cgap-nonrecoverable.safetensors").exists():
         models["compact (cgap, non-recoverable)"] = compact_model(f("cgap-nonrecoverable", cgap_dir))
     models["floor: 1 unit per hidden layer"] = _floor(cgap if cgap is not None else tfs)
-    models = {name: m.to(device) for name, m in models.items()}
     rows = []
-    for name, m in models.items():  # (back on the device after the CPU-side counts)
+    for name, m in models.items():  # error, sizes and file bytes on the CPU, then timed on `device`
         rows.append({"model": name, "test_error_pct": 100.0 * (1.0 - evaluate(m, ds.test)),
                      "params": sum(q.numel() for q in m.parameters()),
                      "active_params": sum(q.numel() for q in m.parameters()) - sum(
                          int((~b).sum()) for n, b in m.named_buffers() if n.endswith(MASK)),
-                     "macs": count_macs(m, shape), "file_bytes": _bytes(m.cpu()),
+                     "macs": count_macs(m, shape), "file_bytes": _bytes(m),
                      "widths": [tuple(q.shape) for n, q in m.named_parameters() if n.endswith("weight")],
                      "latency_us": {}})
-        m.to(device)
+    models = {name: m.to(device) for name, m in models.items()}
     load_before = os.getloadavg()
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)

@@ -44,7 +44,7 @@ from gnp.cost import CostMeter
 from gnp.data import Data, fashion_mnist_available, load_dataset
 from gnp.models import build_model
 from gnp.tasks import Classification
-from gnp.train import TrainConfig, Trainer, resolve_device
+from gnp.train import COMPILE_MODES, TrainConfig, Trainer, resolve_device
 
 __all__ = ["gnp_epoch", "dataloader_epoch", "main"]
 
@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    modes = compile_modes(args.compile, device)
+    try:
+        modes = compile_modes(args.compile, device)
+    except ValueError as e:
+        p.error(str(e))
     name = "fashion-mnist" if fashion_mnist_available() else "digits"
     data = load_dataset(name).train
     data = data.subset(slice(0, args.samples)) if args.samples else data
@@ -184,12 +187,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compile_modes(spec: str, device: torch.device) -> list[str]:
-    """The torch.compile modes that `--compile` names."""
+    """The torch.compile modes that `--compile` names; ValueError for one torch lacks."""
     if spec == "none":
         return []
     if spec == "auto":
         return ["default"] + (["reduce-overhead"] if device.type == "cuda" else [])
-    return [m.strip() for m in spec.split(",") if m.strip()]
+    modes = [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in COMPILE_MODES]
+    if unknown or not modes:
+        raise ValueError(f"--compile takes auto, none or modes among {', '.join(COMPILE_MODES)}; "
+                         f"got {spec!r}")
+    return modes
 
 
 def _load() -> str:

@@ -40,7 +40,7 @@ from gnp.report import schedule_changes
 from gnp.speech_protocol import (SPEECH_DATASETS, SPEECH_MODELS, first_chunks, speaker_protocol,
                                  speech_schedule)
 from gnp.tasks import CLASSIFICATION, Task
-from gnp.train import evaluate, resolve_device
+from gnp.train import COMPILE_MODES, evaluate, resolve_device
 
 __all__ = ["Row", "AUGMENT_DEFAULT", "run_protocol", "main"]
 
@@ -379,7 +379,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cgap: share of each layer's units in the seed (default Schedule.unit_seed)")
     p.add_argument("--unit-growth", type=float, default=None,
                    help="cgap: a growth step adds this x a layer's active units")
-    p.add_argument("--compile", default=None, metavar="MODE",
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES,
                    help="torch.compile the training forward in this mode (default, "
                         "reduce-overhead: CUDA graphs, ...); default eager, which is faster "
                         "on CPU (python -m gnp.bench measures both)")

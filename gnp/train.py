@@ -29,12 +29,14 @@ from gnp.masks import Masks
 from gnp.tasks import CLASSIFICATION, Task
 
 __all__ = [
-    "Abandoned", "CosineSchedule", "TrainingDiverged", "TrainConfig", "Trainer",
+    "COMPILE_MODES", "Abandoned", "CosineSchedule", "TrainingDiverged", "TrainConfig", "Trainer",
     "affine_distort", "evaluate", "resolve_device", "sample_scores", "set_dropout_generator",
 ]
 
 Progress = Callable[[str, int, int], None]
 MIN_STEPS_PER_EPOCH = 16
+# torch.compile's modes ("reduce-overhead" captures CUDA graphs)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class Abandoned(RuntimeError):
@@ -66,10 +68,15 @@ class TrainConfig:
     optimizer: str = "sgd"  # "sgd" (momentum), or "adam" (AdamW: CTC leaves its blank plateau
     # in a few epochs with it, where SGD takes tens; momentum is then beta1)
     grad_clip: float | None = None  # clip the gradient's global norm (recurrent models)
-    # torch.compile mode of the training forward pass ("default", "reduce-overhead": CUDA
-    # graphs, "max-autotune-no-cudagraphs", ...); None: eager. Off by default: on this CPU
-    # it trains LeNets 0.6-0.75x as fast as eager (`python -m gnp.bench` measures both).
+    # torch.compile mode of the training forward pass (one of COMPILE_MODES); None: eager.
+    # Off by default: on the 2-core CPU it trains LeNet-300-100 at 0.82-0.83x of eager
+    # (docs/results/train_throughput_cpu.md; `python -m gnp.bench` measures both).
     compile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be None or one of {', '.join(COMPILE_MODES)}; "
+                             f"got {self.compile!r}")
 
 
 @dataclass

@@ -162,3 +162,12 @@ def test_train_settings_from_env_reach_the_update_policy(
     monkeypatch.setenv(env, bad)
     with pytest.raises(Exception, match=field):
         Settings()
+
+
+def test_the_daemons_compile_modes_are_torch_compile_modes() -> None:
+    from typing import get_args
+
+    from daemon.settings import TrainSettings
+    from gnp.train import COMPILE_MODES
+    modes = set(get_args(TrainSettings.model_fields["compile"].annotation))
+    assert "off" in modes and modes - {"off"} <= set(COMPILE_MODES)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from gnp import bench
@@ -34,3 +35,7 @@ def test_compile_modes_of_the_bench():
     assert bench.compile_modes("auto", cuda) == ["default", "reduce-overhead"]
     assert bench.compile_modes("none", cuda) == []
     assert bench.compile_modes("default, max-autotune", cpu) == ["default", "max-autotune"]
+    with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
+        bench.compile_modes("fast", cpu)
+    with pytest.raises(SystemExit):  # the CLI says so before loading anything
+        bench.main(["--compile", "fast"])

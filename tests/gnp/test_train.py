@@ -3,7 +3,6 @@ current rate, local generators only, and pruning that goes on past a converged m
 first unlucky step."""
 
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
@@ -116,3 +115,8 @@ def test_compiled_training_matches_eager_and_keeps_dormant_weights_at_zero(digit
         assert torch.allclose(eager.weight, compiled.weight, atol=1e-5)
         assert not compiled.weight[~compiled.mask].any()
         assert compiled.weight[compiled.mask].abs().sum() > 0
+
+
+def test_an_unknown_compile_mode_is_refused_where_the_config_is_made():
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        TrainConfig(compile="fast")
