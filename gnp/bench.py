@@ -15,6 +15,9 @@ device, and report samples/s:
   batch, as many steps as an epoch has, with no data handling at all: no loop can beat
   it, so "floor / best DataLoader" is the most any data pipeline could gain over the
   usual script on this device and model;
+- gnp in the other memory layout (models with 2-D convolutions): the trainer lays
+  convolutions out as `TrainConfig.memory_format` "auto" picks (channels-last on the CPU),
+  and the bench times the other layout beside it, so the table says whether the choice pays;
 - gnp with its training forward compiled (`TrainConfig.compile`, torch.compile modes:
   `default`, and on CUDA `reduce-overhead`, which captures CUDA graphs), beside the
   eager trainer, so the table says whether compiling pays on this device. Compilation
@@ -44,11 +47,12 @@ from gnp.cost import CostMeter
 from gnp.data import Data, fashion_mnist_available, load_dataset
 from gnp.models import build_model
 from gnp.tasks import Classification
-from gnp.train import COMPILE_MODES, TrainConfig, Trainer, resolve_device
+from gnp.train import COMPILE_MODES, TrainConfig, Trainer, resolve_device, uses_channels_last
 
 __all__ = ["gnp_epoch", "dataloader_epoch", "main"]
 
 Epoch = Callable[[], int]
+DEFAULT_MODEL = "lenet-300-100"
 
 
 def _sync(device: torch.device) -> None:
@@ -102,6 +106,8 @@ def floor_epoch(model_name: str, data: Data, device: torch.device, cfg: TrainCon
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay,
                           **({"fused": True} if device.type == "cuda" else {}))
+    if uses_channels_last(cfg, model, device):
+        model.to(memory_format=torch.channels_last)
     xb = data.x[:cfg.batch_size].to(device)
     yb = data.y[:cfg.batch_size].to(device)
     steps = len(data) // cfg.batch_size
@@ -140,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gnp.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--model", default="lenet-300-100")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="a gnp.models name (results of another model than the default go to "
+                        "train_throughput_MODEL_DEVICE.*)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the baseline")
     p.add_argument("--batch-size", type=int, default=128)
@@ -158,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "fashion-mnist" if fashion_mnist_available() else "digits"
     data = load_dataset(name).train
     data = data.subset(slice(0, args.samples)) if args.samples else data
+    other = other_layout(args.model, tuple(data.x.shape[1:]), device)
     rows = []
     load_before = _load()
     for augment in (False, True):
@@ -168,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                      args.workers)}
         if not augment:  # the floor has no data handling, augmentation included
             contenders["floor"] = floor_epoch(args.model, data, device, cfg)
+        if other is not None:
+            contenders[f"layout-{other}"] = gnp_epoch(args.model, data, device,
+                                                      replace(cfg, memory_format=other))
         for mode in modes:
             contenders[f"compile-{mode}"] = gnp_epoch(args.model, data, device,
                                                       replace(cfg, compile=mode))
@@ -179,11 +191,22 @@ def main(argv: list[str] | None = None) -> int:
         if "floor" in med:
             row["floor_vs_best_dataloader"] = med["floor"] / best
         row["compiled_vs_eager"] = {m: med[f"compile-{m}"] / med["gnp"] for m in modes}
+        if other is not None:
+            row["other_layout"] = {"layout": other, "vs_auto": med[f"layout-{other}"] / med["gnp"]}
         rows.append(row)
         print(f"augment={augment}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in med.items())
               + f"; gnp / best DataLoader {med['gnp'] / best:.2f}x", flush=True)
     _save(args, device, name, len(data), rows, (load_before, _load()))
     return 0
+
+
+def other_layout(model_name: str, shape: tuple[int, ...], device: torch.device) -> str | None:
+    """The memory layout the trainer's "auto" does not pick for this model on this device
+    (None for a model without 2-D convolutions, where the two are the same)."""
+    model = build_model(model_name, shape, 10)
+    if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return None
+    return "contiguous" if uses_channels_last(TrainConfig(), model, device) else "channels_last"
 
 
 def compile_modes(spec: str, device: torch.device) -> list[str]:
@@ -211,6 +234,8 @@ def _save(args: argparse.Namespace, device: torch.device, dataset: str, n: int, 
           load: tuple[str, str]) -> None:
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else None
     tag = "cuda" if device.type == "cuda" else "cpu"
+    if args.model != DEFAULT_MODEL:
+        tag = f"{args.model}_{tag}"
     cmd = "python -m gnp.bench " + " ".join(sys.argv[1:])
     doc = {"command": cmd, "device": str(device), "gpu": gpu, "dataset": dataset, "samples": n,
            "model": args.model, "batch_size": args.batch_size, "rounds": args.rounds,
@@ -243,6 +268,17 @@ def _save(args: argparse.Namespace, device: torch.device, dataset: str, n: int, 
             for m in modes:
                 lines.append(f"| {'on' if r['augment'] else 'off'} | {m} | "
                              f"{r['median'][f'compile-{m}']:,.0f} | {r['compiled_vs_eager'][m]:.2f}x |")
+    layouts = [r for r in rows if "other_layout" in r]
+    if layouts:
+        other = layouts[0]["other_layout"]["layout"]
+        auto = "contiguous" if other == "channels_last" else "channels_last"
+        lines += ["", f"Memory layout: `TrainConfig.memory_format` \"auto\" trains this model "
+                  f"{auto} here (the gnp column); the other layout, timed in the same rounds:", "",
+                  "| augmentation | layout | samples/s | this / auto |", "|---|---|---|---|"]
+        for r in layouts:
+            lines.append(f"| {'on' if r['augment'] else 'off'} | {other} | "
+                         f"{r['median']['layout-' + other]:,.0f} | "
+                         f"{r['other_layout']['vs_auto']:.2f}x |")
     lines += ["", "The compute floor is the model's forward, backward and SGD step on one fixed "
               "batch, as many steps as an epoch, with no data handling: no training loop can "
               "beat it, so its ratio to the best DataLoader loop is the most a data pipeline "

@@ -35,7 +35,7 @@ from gnp.grow import GrowthStep, grow_by_gradient
 from gnp.masks import MASK, Masks, ParamCount, count_parameters
 from gnp.prune import PruneConfig, PruneReport, iterative_prune
 from gnp.tasks import CLASSIFICATION, Task
-from gnp.train import Progress, TrainConfig, Trainer, resolve_device
+from gnp.train import Progress, TrainConfig, Trainer, portable, resolve_device
 from gnp.units import UnitMasks, grow_units, propose_candidates, seed_units, unit_prune_step
 
 __all__ = ["Phase", "Schedule", "UpdateResult", "METHODS", "update", "sparse_seed", "derive_seed"]
@@ -281,7 +281,7 @@ def update(method: str, model: nn.Module | None, *, new: Samples, all: Samples,
     peak = s.train.lr if fresh or s.incremental_lr is None else s.incremental_lr
     growth = _run_phases(t, (m.first if first else m.later)(s), data, s, peak, progress, units)
     unpruned_carry = m.dense_carry or (s.carry_unpruned and not m.fresh)
-    carry = copy.deepcopy(t.model).cpu() if unpruned_carry else None
+    carry = portable(copy.deepcopy(t.model)) if unpruned_carry else None
     pre_prune = t.evaluate(val_d)
     if observe is not None:
         observe("pre-prune", t.model)
@@ -289,7 +289,7 @@ def update(method: str, model: nn.Module | None, *, new: Samples, all: Samples,
     report = _prune(t, data["all"], val_d, s.prune, s.train.lr, "prune", progress, step)
     cost = meter.finish(len(all))
     compact = _export(t, data["all"], val_d, s, progress, units is not None) if s.nonrecoverable else None
-    served = t.model.cpu().eval()
+    served = portable(t.model).eval()
     return UpdateResult(
         served, carry if unpruned_carry else (None if m.fresh else served),
         report.final_accuracy, count_parameters(served), cost, report,
@@ -319,7 +319,7 @@ def _export(t: Trainer, data: Samples, val: Samples, s: Schedule,
     units = UnitMasks(tc.model) if structured else None
     step = None if units is None else (lambda beta: unit_prune_step(units, tc.masks, beta, tc.opt))
     report = _prune(tc, data, val, s.nonrecoverable, s.train.lr, "prune-compact", progress, step)
-    return tc.model.cpu().eval(), count_parameters(tc.model), report.final_accuracy
+    return portable(tc.model).eval(), count_parameters(tc.model), report.final_accuracy
 
 
 def _fresh_model(model: nn.Module | None, build: Callable[[], nn.Module] | None,

@@ -29,14 +29,16 @@ from gnp.masks import Masks
 from gnp.tasks import CLASSIFICATION, Task
 
 __all__ = [
-    "COMPILE_MODES", "Abandoned", "CosineSchedule", "TrainingDiverged", "TrainConfig", "Trainer",
-    "affine_distort", "evaluate", "resolve_device", "sample_scores", "set_dropout_generator",
+    "COMPILE_MODES", "MEMORY_FORMATS", "Abandoned", "CosineSchedule", "TrainingDiverged",
+    "TrainConfig", "Trainer", "affine_distort", "evaluate", "portable",
+    "resolve_device", "sample_scores", "set_dropout_generator", "uses_channels_last",
 ]
 
 Progress = Callable[[str, int, int], None]
 MIN_STEPS_PER_EPOCH = 16
 # torch.compile's modes ("reduce-overhead" captures CUDA graphs)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 class Abandoned(RuntimeError):
@@ -72,11 +74,20 @@ class TrainConfig:
     # Off by default: on the 2-core CPU it trains LeNet-300-100 at 0.82-0.83x of eager
     # (docs/results/train_throughput_cpu.md; `python -m gnp.bench` measures both).
     compile: str | None = None
+    # Memory layout of convolution weights and activations while training (one of
+    # MEMORY_FORMATS): "channels_last" (NHWC), "contiguous" (NCHW), or "auto": channels_last
+    # on the CPU for models with 2-D convolutions, where it trains the paper's LeNet-5
+    # faster (`python -m gnp.bench --model lenet-5` measures both), contiguous elsewhere.
+    # Models leave an update contiguous (`portable`), whatever they trained in.
+    memory_format: str = "auto"
 
     def __post_init__(self) -> None:
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None or one of {', '.join(COMPILE_MODES)}; "
                              f"got {self.compile!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}; "
+                             f"got {self.memory_format!r}")
 
 
 @dataclass
@@ -93,6 +104,19 @@ class CosineSchedule:
             return self.floor
         t = min(self.taken, self.total) / self.total
         return self.floor + (self.peak - self.floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def uses_channels_last(cfg: TrainConfig, model: nn.Module, device: torch.device) -> bool:
+    """Whether a trainer lays `model`'s 4-D weights out channels-last (cfg.memory_format)."""
+    if cfg.memory_format != "auto":
+        return cfg.memory_format == "channels_last"
+    return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def portable(model: nn.Module) -> nn.Module:
+    """`model` (in place) on the CPU in the standard contiguous layout, as every consumer
+    expects: safetensors saves only contiguous tensors, and `view` needs them."""
+    return model.cpu().to(memory_format=torch.contiguous_format)
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -157,6 +181,9 @@ class Trainer:
                  meter: CostMeter, task: Task = CLASSIFICATION, seed: int = 0,
                  should_stop: Callable[[], bool] | None = None) -> None:
         self.model = model.to(device)
+        if uses_channels_last(cfg, self.model, device):
+            # before the masks are gathered: converting replaces buffers (the masks)
+            self.model.to(memory_format=torch.channels_last)
         self.masks = Masks(self.model)
         self.device, self.cfg, self.meter, self.task = device, cfg, meter, task
         self.gen = torch.Generator(device=device).manual_seed(seed)

@@ -11,7 +11,8 @@
 #   tests     tests/gnp/test_cuda.py: every model and update kind on CUDA, compiled training
 #             (CUDA graphs included) equal to eager                              (~1 min)
 #   bench     python -m gnp.bench on CUDA: the trainer against a DataLoader loop, eager
-#             against torch.compile (default, reduce-overhead = CUDA graphs)   (~2 min)
+#             against torch.compile (default, reduce-overhead = CUDA graphs); then the
+#             paper's LeNet-5, contiguous against channels-last convolutions  (~3 min)
 #   protocol  the 3-method LeNet-300-100 protocol on the full Fashion-MNIST, seed 0, and
 #             its wall time (issue 7's target: under 3 minutes on one H100)
 #   lenet5    the same for the paper's LeNet-5 (issue 7's missing full-data run)
@@ -61,7 +62,9 @@ timed() {  # timed SECONDS NAME command...: run it with a bound, log its wall ti
 for section in "$@"; do
     case "$section" in
         tests) timed 300 tests $PY -m pytest -q -p no:cacheprovider tests/gnp/test_cuda.py ;;
-        bench) timed 240 bench $PY -m gnp.bench --device cuda --out "$OUT" ;;
+        bench) timed 240 bench $PY -m gnp.bench --device cuda --out "$OUT"
+            timed 120 bench-lenet5 $PY -m gnp.bench --device cuda --model lenet-5 \
+                --compile none --out "$OUT" ;;
         protocol) timed 420 protocol $PY -m gnp.experiments --model lenet-300-100 \
             --dataset fashion-mnist --chunks 10 --methods ours,tfs,nft --compact --save-models \
             --device cuda --seeds 0 --no-progress --out "$OUT/protocol" ;;

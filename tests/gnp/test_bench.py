@@ -39,3 +39,21 @@ def test_compile_modes_of_the_bench():
         bench.compile_modes("fast", cpu)
     with pytest.raises(SystemExit):  # the CLI says so before loading anything
         bench.main(["--compile", "fast"])
+
+
+def test_bench_times_the_other_memory_layout_of_a_convolutional_model(tmp_path):
+    """For a model with convolutions the bench times the layout "auto" does not pick beside
+    the trainer's, and writes another model's table under its own name."""
+    assert bench.other_layout("lenet-300-100", (1, 28, 28), torch.device("cpu")) is None
+    assert bench.other_layout("lenet-5", (1, 28, 28), torch.device("cpu")) == "contiguous"
+    assert bench.other_layout("lenet-5", (1, 28, 28), torch.device("cuda")) == "channels_last"
+    assert bench.main(["--device", "cpu", "--model", "lenet-5", "--samples", "256", "--rounds", "1",
+                       "--workers", "0", "--compile", "none", "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "train_throughput_cpu.json").exists()
+    doc = json.loads((tmp_path / "train_throughput_lenet-5_cpu.json").read_text())
+    for row in doc["rows"]:
+        o = row["other_layout"]
+        assert o["layout"] == "contiguous"
+        assert o["vs_auto"] == row["median"]["layout-contiguous"] / row["median"]["gnp"]
+    md = (tmp_path / "train_throughput_lenet-5_cpu.md").read_text()
+    assert "| off | contiguous |" in md and "| on | contiguous |" in md

@@ -5,6 +5,7 @@ first unlucky step."""
 import copy
 
 import pytest
+import safetensors.torch
 import torch
 
 import gnp
@@ -12,7 +13,7 @@ from gnp.cost import CostMeter
 from gnp.data import Data, incremental_split
 from gnp.policies import Phase, Schedule, _run_phases, update
 from gnp.prune import PruneConfig, iterative_prune
-from gnp.train import CosineSchedule, TrainConfig, Trainer
+from gnp.train import CosineSchedule, TrainConfig, Trainer, uses_channels_last
 
 CPU = torch.device("cpu")
 
@@ -120,3 +121,50 @@ def test_compiled_training_matches_eager_and_keeps_dormant_weights_at_zero(digit
 def test_an_unknown_compile_mode_is_refused_where_the_config_is_made():
     with pytest.raises(ValueError, match="reduce-overhead"):
         TrainConfig(compile="fast")
+
+
+def test_channels_last_trains_the_same_model_as_contiguous_and_keeps_masks(digits):
+    """memory_format: on the CPU a convolutional model trains channels-last by default
+    ("auto"), to the same weights as in the contiguous layout (float tolerance), with
+    dormant weights held at zero; a model without convolutions is left as it is."""
+    _, chunks, _ = digits
+    base = gnp.build_model("lenet-5", (1, 8, 8), 10)
+    ts = [_trainer(copy.deepcopy(base), memory_format="contiguous"), _trainer(copy.deepcopy(base))]
+    assert ts[0].model.conv2.weight.is_contiguous()
+    assert not ts[1].model.conv2.weight.is_contiguous()
+    assert ts[1].model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not uses_channels_last(TrainConfig(), gnp.build_model("lenet-300-100", (1, 8, 8), 10), CPU)
+    gen = torch.Generator().manual_seed(0)
+    keep = {layer.name: torch.rand(layer.mask.shape, generator=gen) < 0.5 for layer in ts[0].masks}
+    losses = []
+    for t in ts:
+        t.masks.set(keep)
+        t.plan(2 * t.steps(len(chunks[0])))
+        losses.append([t.train_epoch(chunks[0]) for _ in range(2)])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    for nchw, nhwc in zip(ts[0].masks, ts[1].masks):
+        assert torch.allclose(nchw.weight, nhwc.weight, atol=1e-5)
+        assert not nhwc.weight[~nhwc.mask].any()
+
+
+@pytest.mark.parametrize("method", ["ours", "nft"])
+def test_an_update_serves_and_carries_contiguous_models(digits, method, tmp_path):
+    """Whatever layout it trained in, an update hands back contiguous weights: the served
+    model, the carry and the non-recoverable export save with safetensors as they are."""
+    _, chunks, val = digits
+    s = Schedule(new_epochs=2, all_epochs=2, baseline_epochs=2, grow_every=2,
+                 train=TrainConfig(batch_size=32), carry_unpruned=True,
+                 prune=PruneConfig(max_iterations=2, retrain_epochs=0.5)).with_nonrecoverable()
+    build = lambda: gnp.build_model("lenet-5", (1, 8, 8), 10)  # noqa: E731
+    first = update(method, None, new=chunks[0], all=chunks[0], val=val, schedule=s, build=build,
+                   device="cpu")
+    r = update(method, first.carry, new=chunks[1], all=Data.concat(chunks), val=val, schedule=s,
+               device="cpu")
+    for model in (r.model, r.carry) + ((r.compact,) if r.compact is not None else ()):
+        assert all(v.is_contiguous() for v in model.state_dict().values())
+        safetensors.torch.save_file(model.state_dict(), str(tmp_path / "m.safetensors"))
+
+
+def test_an_unknown_memory_format_is_refused_where_the_config_is_made():
+    with pytest.raises(ValueError, match="channels_last"):
+        TrainConfig(memory_format="nhwc")
