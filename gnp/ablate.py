@@ -167,10 +167,18 @@ def compression(args: argparse.Namespace) -> list[dict]:
                 t.masks.mask_state(t.opt)
                 t.train_epoch(train, fraction=0.5, lr=lr)
                 steps += 1
+            # the same 2 recovery epochs annealed (cosine from the rule's rate to 1% of it),
+            # on a copy, so the curve itself goes on as if it had not been measured
+            ta = Trainer(copy.deepcopy(t.model), cpu, s.train, CostMeter("cpu"),
+                         seed=derive_seed(seed, f"anneal {target:g}"))
+            ta.plan(2 * ta.steps(len(train)), peak=lr)
             for _ in range(2):
                 t.train_epoch(train, lr=lr)
-            row(f"curve: {target:g}x", t.model, target=target, steps=steps,
-                epochs=t.meter.sample_passes / len(train))
+                ta.train_epoch(train)
+            epochs = t.meter.sample_passes / len(train)
+            row(f"curve: {target:g}x", t.model, target=target, steps=steps, epochs=epochs)
+            row(f"curve: {target:g}x, annealed", ta.model, target=target, steps=steps,
+                epochs=epochs)
     return rows
 
 
@@ -184,10 +192,14 @@ def _plot_compression(rows: list[dict], path: Path) -> None:
     for i, seed in enumerate(seeds):
         rs = [r for r in rows if r["seed"] == seed]
         dense = next(r for r in rs if r["model"].startswith("dense"))
-        curve = [r for r in rs if r["model"].startswith("curve")]
         color = f"C{i}"
-        ax.plot([r["compression"] for r in curve], [r["test_err_pct"] for r in curve], marker="o",
-                color=color, label=f"seed {seed}: gradual pruning, no check")
+        for annealed, style in ((False, "-"), (True, "--")):
+            curve = [r for r in rs if r["model"].startswith("curve")
+                     and r["model"].endswith("annealed") == annealed]
+            ax.plot([r["compression"] for r in curve], [r["test_err_pct"] for r in curve],
+                    style, marker="o", color=color,
+                    label=f"seed {seed}: gradual pruning, no check"
+                          + (", recovery annealed" if annealed else ""))
         ax.axhline(dense["test_err_pct"], color=color, ls=":", lw=1)
         for r in rs:
             if r["model"].startswith("rule"):

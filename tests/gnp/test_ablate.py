@@ -12,7 +12,9 @@ def test_compression_measures_the_rule_and_a_curve_against_the_dense_model(tmp_p
     assert ablate.main(["compression", "--dataset", "digits", "--seeds", "0",
                         "--targets", "4,2", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "compression.json").read_text())["rows"]
-    dense, served, export, *curve = rows
+    dense, served, export, *curves = rows
+    curve = [r for r in curves if not r["model"].endswith("annealed")]
+    annealed = [r for r in curves if r["model"].endswith("annealed")]
     assert dense["model"].startswith("dense") and dense["compression"] == 1.0
     assert dense["test_err_change_pp"] == 0.0 and dense["test_err_z"] == 0.0 and dense["val_check"]
     # the rule prunes the dense model and its export prunes on past it
@@ -22,6 +24,8 @@ def test_compression_measures_the_rule_and_a_curve_against_the_dense_model(tmp_p
     assert [r["target"] for r in curve] == [2.0, 4.0]
     assert all(r["compression"] >= r["target"] for r in curve)
     assert curve[0]["steps"] < curve[1]["steps"] and curve[0]["epochs"] < curve[1]["epochs"]
+    # beside each point, the same model with its 2 recovery epochs annealed
+    assert [(r["target"], r["active"]) for r in annealed] == [(r["target"], r["active"]) for r in curve]
     for r in rows:  # the change is the error's, from the dense model's
         assert r["test_err_change_pp"] == pytest.approx(r["test_err_pct"] - dense["test_err_pct"],
                                                         abs=1e-4)

@@ -97,6 +97,23 @@ def test_a_converged_dense_model_prunes_past_a_few_steps(digits):
     assert report.stopped_by in {"accuracy", "max_iterations"}
 
 
+def _assert_train_alike(ts: list[Trainer], data: Data) -> None:
+    """Two trainers of one model, given the same random masks, train 2 epochs to the same
+    losses and weights (float tolerance), and the second holds dormant weights at zero."""
+    gen = torch.Generator().manual_seed(0)
+    keep = {layer.name: torch.rand(layer.mask.shape, generator=gen) < 0.5 for layer in ts[0].masks}
+    losses = []
+    for t in ts:
+        t.masks.set(keep)
+        t.plan(2 * t.steps(len(data)))
+        losses.append([t.train_epoch(data) for _ in range(2)])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    for a, b in zip(ts[0].masks, ts[1].masks):
+        assert torch.allclose(a.weight, b.weight, atol=1e-5)
+        assert not b.weight[~b.mask].any()
+        assert b.weight[b.mask].abs().sum() > 0
+
+
 def test_compiled_training_matches_eager_and_keeps_dormant_weights_at_zero(digits):
     """TrainConfig.compile trains the same model as eager (to float tolerance), masks
     included: the compiled forward shares the model's parameters and mask buffers."""
@@ -104,18 +121,7 @@ def test_compiled_training_matches_eager_and_keeps_dormant_weights_at_zero(digit
     base = gnp.build_model("lenet-300-100", (1, 8, 8), 10)
     ts = [_trainer(copy.deepcopy(base)), _trainer(copy.deepcopy(base), compile="default")]
     assert ts[0].forward is ts[0].model and ts[1].forward is not ts[1].model
-    gen = torch.Generator().manual_seed(0)
-    keep = {layer.name: torch.rand(layer.mask.shape, generator=gen) < 0.5 for layer in ts[0].masks}
-    losses = []
-    for t in ts:
-        t.masks.set(keep)
-        t.plan(2 * t.steps(len(chunks[0])))
-        losses.append([t.train_epoch(chunks[0]) for _ in range(2)])
-    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
-    for eager, compiled in zip(ts[0].masks, ts[1].masks):
-        assert torch.allclose(eager.weight, compiled.weight, atol=1e-5)
-        assert not compiled.weight[~compiled.mask].any()
-        assert compiled.weight[compiled.mask].abs().sum() > 0
+    _assert_train_alike(ts, chunks[0])
 
 
 def test_an_unknown_compile_mode_is_refused_where_the_config_is_made():
@@ -134,17 +140,7 @@ def test_channels_last_trains_the_same_model_as_contiguous_and_keeps_masks(digit
     assert not ts[1].model.conv2.weight.is_contiguous()
     assert ts[1].model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
     assert not uses_channels_last(TrainConfig(), gnp.build_model("lenet-300-100", (1, 8, 8), 10), CPU)
-    gen = torch.Generator().manual_seed(0)
-    keep = {layer.name: torch.rand(layer.mask.shape, generator=gen) < 0.5 for layer in ts[0].masks}
-    losses = []
-    for t in ts:
-        t.masks.set(keep)
-        t.plan(2 * t.steps(len(chunks[0])))
-        losses.append([t.train_epoch(chunks[0]) for _ in range(2)])
-    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
-    for nchw, nhwc in zip(ts[0].masks, ts[1].masks):
-        assert torch.allclose(nchw.weight, nhwc.weight, atol=1e-5)
-        assert not nhwc.weight[~nhwc.mask].any()
+    _assert_train_alike(ts, chunks[0])
 
 
 @pytest.mark.parametrize("method", ["ours", "nft"])
