@@ -37,6 +37,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -225,8 +226,10 @@ def _write(out: Path, name: str, args: argparse.Namespace, rows: list[dict]) -> 
            "platform": platform.platform(), "torch": torch.__version__, "rows": rows}
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    lines = [f"# {name}", "", f"Command: `{cmd}`; {doc['date']}, CPU.", "",
-             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines = [f"# {name}", "", f"Command: `{cmd}`; {doc['date']}, CPU.", ""]
+    if name == "compression":
+        lines += _compression_summary(rows) + ["", "Every row:", ""]
+    lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -234,6 +237,29 @@ def _write(out: Path, name: str, args: argparse.Namespace, rows: list[dict]) -> 
         _plot_bias(rows, out / "selection-bias.png")
     if name == "compression":
         _plot_compression(rows, out / "compression.png")
+
+
+def _compression_summary(rows: list[dict]) -> list[str]:
+    """Seed means per model: compression, test error and its change from the dense model."""
+    seeds = sorted({r["seed"] for r in rows})
+    out = [f"Means over seeds {', '.join(map(str, seeds))} (± sd). Test error change: from the "
+           "dense model's, in percentage points; z: the paired z of that change on the test "
+           "samples (McNemar's; above 2 is a loss beyond noise); val check: seeds whose model "
+           "passes the pruning rule's own paired no-loss check on the whole validation set.", "",
+           "| model | compression | active | test err % | change (pp) | z | val check |",
+           "|---|---|---|---|---|---|---|"]
+    for label in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == label]
+
+        def ms(key: str, fmt: str, rs=rs) -> str:
+            v = [float(r[key]) for r in rs]
+            sd = f" ± {statistics.stdev(v):{fmt.lstrip('+')}}" if len(v) > 1 else ""
+            return f"{statistics.mean(v):{fmt}}{sd}"
+        out.append(f"| {label} | {ms('compression', '.1f')}x | {ms('active', ',.0f')} | "
+                   f"{ms('test_err_pct', '.2f')} | {ms('test_err_change_pp', '+.2f')} | "
+                   f"{ms('test_err_z', '.1f')} | {sum(bool(r['val_check']) for r in rs)} of "
+                   f"{len(rs)} |")
+    return out
 
 
 def _cell(v) -> str:

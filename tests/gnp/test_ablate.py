@@ -30,4 +30,5 @@ def test_compression_measures_the_rule_and_a_curve_against_the_dense_model(tmp_p
         assert r["test_err_change_pp"] == pytest.approx(r["test_err_pct"] - dense["test_err_pct"],
                                                         abs=1e-4)
     md = (tmp_path / "compression.md").read_text()
+    assert "Means over seeds 0" in md and "| curve: 4x, annealed | 4" in md
     assert "| 0 | curve: 4x |" in md and (tmp_path / "compression.png").stat().st_size > 0
