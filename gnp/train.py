@@ -77,7 +77,8 @@ class TrainConfig:
     # Memory layout of convolution weights and activations while training (one of
     # MEMORY_FORMATS): "channels_last" (NHWC), "contiguous" (NCHW), or "auto": channels_last
     # on the CPU for models with 2-D convolutions, where it trains the paper's LeNet-5
-    # faster (`python -m gnp.bench --model lenet-5` measures both), contiguous elsewhere.
+    # 1.16-1.18x faster (docs/results/train_throughput_lenet-5_cpu.md, `python -m gnp.bench
+    # --model lenet-5` measures both), contiguous elsewhere (unmeasured on CUDA).
     # Models leave an update contiguous (`portable`), whatever they trained in.
     memory_format: str = "auto"
 
