@@ -18,9 +18,11 @@ seed means, and the diagnostics) and DIR/results.png (the spread over seeds).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,6 +86,7 @@ class Row:
     physical_params: int | None = None  # gnp.compact: inactive units sliced away, plain dense
     physical_macs: int | None = None  # its dense multiply-accumulates per sample
     physical_bytes: int | None = None  # its safetensors file
+    code: str | None = None  # the commit of gnp that ran the update (code_version())
 
 
 def _task(ds) -> Task:
@@ -108,7 +111,25 @@ def _row(seed: int, k: int, chunks: int, method: str, r: UpdateResult, test: Dat
                r.prune.stopped_by, r.pre_prune_accuracy, 100.0 * (1.0 - pre_prune_test),
                prune_passes / n_all, r.peak_lr,
                len(g), g[0].density_before if g else None, g[-1].density_after if g else None,
-               max(s.density_after for s in g) if g else None, **compact)
+               max(s.density_after for s in g) if g else None, **compact, code=code_version())
+
+
+@functools.cache
+def code_version() -> str | None:
+    """The git commit gnp runs from ("+dirty" when files under gnp/ differ from it), so a
+    row says which code made it, also when a resumed run spans commits; None outside a
+    git checkout (an installed package)."""
+    here = Path(__file__).resolve().parent
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(here), *cmd], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", str(here))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def _physical(model: torch.nn.Module) -> dict[str, int]:

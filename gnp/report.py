@@ -219,6 +219,22 @@ def _plot(rows: list[dict], path: Path, metric: str = "error") -> None:
     plt.close(fig)
 
 
+def _code_versions(rows: list[dict]) -> str:
+    """Which commits of gnp made the rows ("unrecorded": rows from before rows said)."""
+    made: dict[str, dict[int, list[int]]] = {}
+    for r in rows:
+        code = r.get("code") or "unrecorded"
+        made.setdefault(code, {}).setdefault(r.get("seed", 0), []).append(r["chunk"])
+    if list(made) == ["unrecorded"]:
+        return ""
+    if len(made) == 1:
+        return f" Code: gnp at {next(iter(made))}."
+    return " Code (the rows span commits): " + "; ".join(
+        f"{code} made " + ", ".join(f"seed {seed} chunks {min(ks)}-{max(ks)}"
+                                    for seed, ks in sorted(seeds.items()))
+        for code, seeds in made.items()) + "."
+
+
 def write_report(out: Path, rows: list[Any] | None = None, note: str = "") -> None:
     """Write results.md and results.png in `out` (rows default to out/results.json)."""
     doc = json.loads((out / "results.json").read_text())
@@ -231,7 +247,8 @@ def write_report(out: Path, rows: list[Any] | None = None, note: str = "") -> No
           f"Command: `{doc['command']}`", "",
           f"Machine: {doc['machine']['platform']}, torch {doc['machine']['torch']}, "
           f"device {rows[0]['device'] if rows else '?'}; {doc['date']}. "
-          f"Seeds: {', '.join(map(str, seeds))} (cells: mean ± sd over seeds).", "",
+          f"Seeds: {', '.join(map(str, seeds))} (cells: mean ± sd over seeds)."
+          + _code_versions(rows), "",
           *([note, ""] if note else []),
           "Test error of the served (recoverably pruned) model, its active parameters, and the "
           "update's training cost in all-data-epoch equivalents (growth passes and pruning "

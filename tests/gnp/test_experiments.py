@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from gnp.experiments import main, parse_args, schedule_of
-from gnp.report import aggregate, claims, markdown_table
+from gnp.experiments import code_version, main, parse_args, schedule_of
+from gnp.report import _code_versions, aggregate, claims, markdown_table
 
 
 def test_experiment_command_writes_json_table_and_plot(tmp_path, capsys):
@@ -22,6 +22,18 @@ def test_experiment_command_writes_json_table_and_plot(tmp_path, capsys):
     md = (out / "results.md").read_text()
     assert "| 50% |" in md and "Claims checked" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    # every row says which code made it (this checkout's commit)
+    assert {r["code"] for r in rows} == {code_version()} and code_version() is not None
+    assert f"Code: gnp at {code_version()}." in md
+
+
+def test_the_report_says_when_rows_span_commits():
+    rows = [{**_row(k, "ours", 10, 100, 20), "code": c}
+            for k, c in ((1, None), (2, None), (3, "abc"), (4, "abc"))]
+    assert _code_versions(rows[:2]) == ""  # runs from before rows recorded their code
+    assert _code_versions(rows[2:]) == " Code: gnp at abc."
+    assert _code_versions(rows) == (" Code (the rows span commits): unrecorded made seed 0 "
+                                    "chunks 1-2; abc made seed 0 chunks 3-4.")
 
 
 def _row(k, m, err, params, ep, seed=0):
