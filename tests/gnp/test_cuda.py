@@ -20,6 +20,7 @@ from gnp.policies import update
 from gnp.prune import PruneConfig
 from gnp.train import TrainConfig, Trainer
 from tests.gnp.test_speech_data import _write_wav
+from tests.gnp.trainers import assert_train_alike
 
 DEVICE = torch.device(os.environ.get("GNP_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
@@ -76,19 +77,7 @@ def test_compiled_training_equals_eager_on_the_device(digits, mode):
     cfg = TrainConfig(batch_size=32)
     ts = [Trainer(copy.deepcopy(base), DEVICE, c, CostMeter(str(DEVICE)))
           for c in (cfg, replace(cfg, compile=mode))]
-    gen = torch.Generator().manual_seed(0)
-    keep = {layer.name: (torch.rand(layer.mask.shape, generator=gen) < 0.5).to(DEVICE)
-            for layer in ts[0].masks}
-    data = chunks[0].to(DEVICE)
-    losses = []
-    for t in ts:
-        t.masks.set(keep)
-        t.plan(3 * t.steps(len(data)))
-        losses.append([t.train_epoch(data) for _ in range(3)])
-    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
-    for eager, compiled in zip(ts[0].masks, ts[1].masks):
-        assert torch.allclose(eager.weight, compiled.weight, atol=1e-4)
-        assert not compiled.weight[~compiled.mask].any()
+    assert_train_alike(ts, chunks[0].to(DEVICE), epochs=3, rtol=1e-3, atol=1e-4)
 
 
 def test_a_speech_update_runs_on_the_device(tmp_path):

@@ -14,6 +14,7 @@ from gnp.data import Data, incremental_split
 from gnp.policies import Phase, Schedule, _run_phases, update
 from gnp.prune import PruneConfig, iterative_prune
 from gnp.train import CosineSchedule, TrainConfig, Trainer, uses_channels_last
+from tests.gnp.trainers import assert_train_alike
 
 CPU = torch.device("cpu")
 
@@ -97,23 +98,6 @@ def test_a_converged_dense_model_prunes_past_a_few_steps(digits):
     assert report.stopped_by in {"accuracy", "max_iterations"}
 
 
-def _assert_train_alike(ts: list[Trainer], data: Data) -> None:
-    """Two trainers of one model, given the same random masks, train 2 epochs to the same
-    losses and weights (float tolerance), and the second holds dormant weights at zero."""
-    gen = torch.Generator().manual_seed(0)
-    keep = {layer.name: torch.rand(layer.mask.shape, generator=gen) < 0.5 for layer in ts[0].masks}
-    losses = []
-    for t in ts:
-        t.masks.set(keep)
-        t.plan(2 * t.steps(len(data)))
-        losses.append([t.train_epoch(data) for _ in range(2)])
-    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
-    for a, b in zip(ts[0].masks, ts[1].masks):
-        assert torch.allclose(a.weight, b.weight, atol=1e-5)
-        assert not b.weight[~b.mask].any()
-        assert b.weight[b.mask].abs().sum() > 0
-
-
 def test_compiled_training_matches_eager_and_keeps_dormant_weights_at_zero(digits):
     """TrainConfig.compile trains the same model as eager (to float tolerance), masks
     included: the compiled forward shares the model's parameters and mask buffers."""
@@ -121,7 +105,7 @@ def test_compiled_training_matches_eager_and_keeps_dormant_weights_at_zero(digit
     base = gnp.build_model("lenet-300-100", (1, 8, 8), 10)
     ts = [_trainer(copy.deepcopy(base)), _trainer(copy.deepcopy(base), compile="default")]
     assert ts[0].forward is ts[0].model and ts[1].forward is not ts[1].model
-    _assert_train_alike(ts, chunks[0])
+    assert_train_alike(ts, chunks[0])
 
 
 def test_an_unknown_compile_mode_is_refused_where_the_config_is_made():
@@ -140,7 +124,7 @@ def test_channels_last_trains_the_same_model_as_contiguous_and_keeps_masks(digit
     assert not ts[1].model.conv2.weight.is_contiguous()
     assert ts[1].model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
     assert not uses_channels_last(TrainConfig(), gnp.build_model("lenet-300-100", (1, 8, 8), 10), CPU)
-    _assert_train_alike(ts, chunks[0])
+    assert_train_alike(ts, chunks[0])
 
 
 @pytest.mark.parametrize("method", ["ours", "nft"])
