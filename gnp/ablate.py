@@ -123,14 +123,14 @@ def selection_bias(args: argparse.Namespace) -> list[dict]:
 
 
 def compression(args: argparse.Namespace) -> list[dict]:
-    from gnp.experiments import AUGMENT_DEFAULT
+    from gnp.experiments import AUGMENT_DEFAULT, default_val_size
     ds = load_dataset(args.dataset, args.data_dir)
     s = Schedule(train=TrainConfig(augment=AUGMENT_DEFAULT.get(args.dataset, True)))
     cpu = torch.device("cpu")
     rows = []
     for seed in args.seeds:
-        val_size = 5000 if args.dataset in ("fashion-mnist", "mnist") else len(ds.train) // 10
-        chunks, val = incremental_split(ds.train, 10, val_size, seed=seed)  # the protocol's
+        n_val = default_val_size(args.dataset, len(ds.train))
+        chunks, val = incremental_split(ds.train, 10, n_val, seed=seed)  # the protocol's split
         train = Data.concat(chunks)
         seen: dict[str, torch.nn.Module] = {}
         r = update("tfs", None, new=train, all=train, val=val, schedule=s.with_nonrecoverable(),

@@ -89,6 +89,12 @@ class Row:
     code: str | None = None  # the commit of gnp that ran the update (code_version())
 
 
+def default_val_size(dataset: str, n: int) -> int:
+    """The protocol's validation hold-out of `n` training samples: 5,000 for (Fashion-)MNIST
+    (the paper's), a tenth otherwise."""
+    return 5000 if dataset in ("fashion-mnist", "mnist") else n // 10
+
+
 def _task(ds) -> Task:
     return ds.task if ds.task is not None else CLASSIFICATION
 
@@ -207,8 +213,8 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
         if args.train_size is not None:  # a reduced run: a fixed random subset of the training set
             keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
             train = train.subset(keep[: args.train_size])
-        val_size = args.val_size if args.val_size is not None else (
-            5000 if args.dataset in ("fashion-mnist", "mnist") else len(train) // 10)
+        val_size = args.val_size if args.val_size is not None else default_val_size(
+            args.dataset, len(train))
         chunks, val = incremental_split(train, args.chunks, val_size, seed=seed)
         carry: dict[str, torch.nn.Module | None] = {m: None for m in methods}
         build = lambda: build_model(args.model, ds.input_shape, ds.num_classes)  # noqa: E731
