@@ -25,7 +25,7 @@ import torch
 __all__ = [
     "Samples", "Data", "ChunkedData", "Dataset", "DATASETS", "FASHION_MNIST_DIR",
     "load_dataset", "fashion_mnist_available", "idx_files_available", "incremental_split",
-    "place", "place_all",
+    "place", "place_all", "random_subset",
 ]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -191,6 +191,18 @@ def place_all(sets: dict[str, Samples], device: torch.device,
         if left is not None and out[name] is not data:
             left -= data.nbytes
     return out
+
+
+def random_subset(data, n: int, seed: int = 0):
+    """A fixed random subset of `n` samples of `data` (reduced runs), the same for a seed.
+
+    Raises:
+        ValueError: n not in [1, len(data)].
+    """
+    if not 1 <= n <= len(data):
+        raise ValueError(f"a subset needs 1..{len(data)} samples, got {n}")
+    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.subset(keep[:n])
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from gnp.compact import compact_model, count_macs, save_dense
 from gnp.data import (DATASETS, Data, fashion_mnist_available, idx_files_available,
-                      incremental_split, load_dataset)
+                      incremental_split, load_dataset, random_subset)
 from gnp.export import save_compact
 from gnp.models import MODELS, build_model
 from gnp.policies import METHODS, Schedule, UpdateResult, update
@@ -87,6 +87,9 @@ class Row:
     physical_macs: int | None = None  # its dense multiply-accumulates per sample
     physical_bytes: int | None = None  # its safetensors file
     code: str | None = None  # the commit of gnp that ran the update (code_version())
+
+
+TEST_SUBSET_SEED = 0  # --test-size draws its subset with this seed, whatever the run's seeds
 
 
 def default_val_size(dataset: str, n: int) -> int:
@@ -186,6 +189,10 @@ def schedule_of(args: argparse.Namespace) -> Schedule:
         s = replace(s, alpha=args.alpha)
     if args.shrink is not None:
         s = replace(s, shrink=args.shrink)
+    if args.prune_beta is not None:
+        s = replace(s, prune=replace(s.prune, beta=args.prune_beta))
+    if args.prune_steps is not None:
+        s = replace(s, prune=replace(s.prune, max_iterations=args.prune_steps))
     if args.unit_seed is not None:
         s = replace(s, unit_seed=args.unit_seed)
     if args.unit_growth is not None:
@@ -198,6 +205,8 @@ def schedule_of(args: argparse.Namespace) -> Schedule:
 def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
     options = {"test_speakers": args.test_speakers} if args.test_speakers else {}
     ds = load_dataset(args.dataset, args.data_dir, **options)
+    if args.test_size is not None:  # a reduced run: one fixed test subset for every seed
+        ds = replace(ds, test=random_subset(ds.test, args.test_size, TEST_SUBSET_SEED))
     schedule, methods = schedule_of(args), args.methods.split(",")
     device = resolve_device(args.device)
     task = _task(ds)
@@ -211,8 +220,7 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
     for seed in args.seeds:
         train = ds.train
         if args.train_size is not None:  # a reduced run: a fixed random subset of the training set
-            keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-            train = train.subset(keep[: args.train_size])
+            train = random_subset(train, args.train_size, seed)
         val_size = args.val_size if args.val_size is not None else default_val_size(
             args.dataset, len(train))
         chunks, val = incremental_split(train, args.chunks, val_size, seed=seed)
@@ -379,6 +387,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="validation hold-out (default 5000 for (Fashion-)MNIST, 10%% otherwise)")
     p.add_argument("--train-size", type=int, default=None,
                    help="use a random subset of this many training samples (reduced runs)")
+    p.add_argument("--test-size", type=int, default=None,
+                   help="test on a fixed random subset of this many test samples, the same for "
+                        "every seed and method (reduced runs of large models)")
     p.add_argument("--methods", default="ours,tfs,nft")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="reduced schedule (minutes on a CPU)")
@@ -402,6 +413,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="shrink and perturb before each update of a trained model (ours, nft, "
                         "cgap alike): weights x this + N(0, 0.01^2) on active weights; an "
                         "ablation (default off, as the paper)")
+    p.add_argument("--prune-beta", type=float, default=None,
+                   help="percent of a layer's active weights (cgap: units) each pruning step "
+                        "removes, every method alike (default PruneConfig.beta, 5; reduced runs)")
+    p.add_argument("--prune-steps", type=int, default=None,
+                   help="most pruning steps per update, every method alike (default: the "
+                        "schedule's; reduced runs)")
     p.add_argument("--unit-seed", type=float, default=None,
                    help="cgap: share of each layer's units in the seed (default Schedule.unit_seed)")
     p.add_argument("--unit-growth", type=float, default=None,
@@ -433,6 +450,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--alpha is a percentile in [0, 100], got {args.alpha}")
     if args.shrink is not None and not 0 < args.shrink <= 1:
         p.error(f"--shrink must be in (0, 1], got {args.shrink}")
+    if args.prune_beta is not None and not 0 < args.prune_beta < 100:
+        p.error(f"--prune-beta is a percent in (0, 100), got {args.prune_beta}")
+    if args.prune_steps is not None and args.prune_steps < 0:
+        p.error(f"--prune-steps must be >= 0, got {args.prune_steps}")
+    if args.test_size is not None and args.test_size < 1:
+        p.error(f"--test-size must be >= 1, got {args.test_size}")
     if args.chunks < 1:
         p.error(f"--chunks must be >= 1, got {args.chunks}")
     if args.train_size is not None and args.train_size < 2 * args.chunks:
