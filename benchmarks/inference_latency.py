@@ -35,13 +35,15 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
 from gnp.compact import compact_model, count_macs, save_dense
-from gnp.data import load_dataset
+from gnp.data import load_dataset, random_subset
+from gnp.experiments import TEST_SUBSET_SEED
 from gnp.masks import MASK, Masks
 from gnp.models import build_model
 from gnp.train import evaluate, resolve_device
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="read cgap.safetensors (and cgap-nonrecoverable) here (default --models)")
     p.add_argument("--model", default="lenet-300-100")
     p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--test-size", type=int, default=None,
+                   help="test error on the fixed subset `gnp.experiments --test-size` uses")
     p.add_argument("--threads", default="2,1")
     p.add_argument("--batches", default="1,256")
     p.add_argument("--rounds", type=int, default=41)
@@ -146,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     ds = load_dataset(args.dataset)
+    if args.test_size is not None:
+        ds = replace(ds, test=random_subset(ds.test, args.test_size, TEST_SUBSET_SEED))
     shape, classes = tuple(ds.input_shape), ds.num_classes
     f = lambda tag, d=args.models: _load(d / f"{tag}.safetensors", args.model, shape, classes)  # noqa: E731
     cgap_dir = args.cgap_models or args.models
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
            "load_average_after": load_after, "cpus": os.cpu_count(), "torch": torch.__version__,
            "platform": platform.platform(), "device": str(device),
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-           "rows": rows}
+           "test_samples": len(ds.test), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     args.out.with_suffix(".md").write_text(_markdown(doc))
@@ -208,6 +214,7 @@ def _markdown(doc: dict) -> str:
              f"(1, 5, 15 min) before {tuple(round(v, 2) for v in doc['load_average_before'])}, "
              f"after {tuple(round(v, 2) for v in doc['load_average_after'])}; torch {doc['torch']}.\n",
              "## Models\n",
+             (f"Test error on {doc['test_samples']:,} test samples. " if doc.get("test_samples") else "") +
              "`params`: the tensors the module holds (masked models: full width, zeros "
              "included). MACs: multiply-accumulates per sample over active weights. File: a "
              "safetensors file of the module's state (masks included where it has them).\n",

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from gnp.experiments import code_version, main, parse_args, schedule_of
 from gnp.report import _code_versions, aggregate, claims, markdown_table
@@ -214,3 +215,32 @@ def test_alpha_sets_the_growth_percentile_and_is_recorded():
     args = parse_args(["--alpha", "80", "--out", "x", "--dataset", "digits"])
     assert schedule_of(args).alpha == 80.0
     assert schedule_of(parse_args(["--out", "x", "--dataset", "digits"])).alpha == 50.0
+
+
+def test_reduced_runs_test_on_one_fixed_subset_and_cap_pruning_alike(tmp_path):
+    from gnp.data import Data, random_subset
+    data = Data(torch.arange(100.0).reshape(100, 1), torch.arange(100))
+    a, b = random_subset(data, 30, seed=0), random_subset(data, 30, seed=0)
+    assert torch.equal(a.y, b.y) and len(set(a.y.tolist())) == 30
+    assert not torch.equal(a.y, random_subset(data, 30, seed=1).y)
+    with pytest.raises(ValueError, match="1..100"):
+        random_subset(data, 101)
+    s = schedule_of(parse_args(["--prune-beta", "25", "--prune-steps", "3", "--out", "x",
+                                "--dataset", "digits"]))
+    assert (s.prune.beta, s.prune.max_iterations) == (25.0, 3)
+    assert (s.with_nonrecoverable().nonrecoverable.beta, s.with_nonrecoverable().nonrecoverable.max_iterations) == (25.0, 3)
+    out = tmp_path / "reduced"
+    assert main(["--dataset", "digits", "--chunks", "2", "--stop-after", "1", "--methods", "tfs,ours",
+                 "--out", str(out), "--quick", "--device", "cpu", "--no-progress", "--seeds", "0,1",
+                 "--test-size", "40", "--prune-steps", "1"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for r in rows:  # 40 test samples: every error is a multiple of 2.5%
+        assert r["test_error_pct"] / 2.5 == pytest.approx(round(r["test_error_pct"] / 2.5), abs=1e-6)
+        assert r["prune_iterations"] <= 1
+
+
+def test_reduced_run_arguments_are_checked():
+    for bad in (["--prune-beta", "0"], ["--prune-beta", "100"], ["--prune-steps", "-1"],
+                ["--test-size", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad + ["--out", "x", "--dataset", "digits"])
