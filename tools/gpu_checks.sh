@@ -18,6 +18,9 @@
 #   lenet5    the same for the paper's LeNet-5 (issue 7's missing full-data run)
 #   speech    the speech protocol over all 10 chunks, seed $SPEECH_SEED (issue 9)
 #   latency   inference latency of the protocol's saved models on the GPU (issue 10)
+#   resnet    ResNet-18, ours and cgap against TFS, on an 11K subset (10 chunks of 1K,
+#             the --quick schedule, pruning steps of 25% at most 8 per update, every method
+#             alike), then the latency of its exports on the GPU (issue 10)
 # Results go to $OUT (the device tool's folder that comes back; ./gpu-out elsewhere).
 set -uo pipefail
 
@@ -31,7 +34,7 @@ if [[ "${1:-}" == "--stage" ]]; then
     exit 0
 fi
 
-SECTIONS=" tests bench protocol lenet5 speech latency "
+SECTIONS=" tests bench protocol lenet5 speech latency resnet "
 [[ $# -gt 0 ]] || { echo "usage: $0 --stage | SECTION... ($(echo $SECTIONS))" >&2; exit 2; }
 for section in "$@"; do
     [[ "$SECTIONS" == *" $section "* ]] || {
@@ -76,5 +79,12 @@ for section in "$@"; do
             --seeds "$SPEECH_SEED" --no-progress --out "$OUT/speech" ;;
         latency) timed 180 latency $PY benchmarks/inference_latency.py --device cuda \
             --models "$OUT/protocol/models" --out "$OUT/inference_latency_cuda" ;;
+        resnet) timed 420 resnet $PY -m gnp.experiments --model resnet-18 --dataset fashion-mnist \
+            --train-size 11000 --val-size 1000 --chunks 10 --quick --prune-beta 25 --prune-steps 8 \
+            --methods ours,cgap,tfs --save-models --device cuda --seeds 0 --no-progress \
+            --out "$OUT/resnet18"
+            timed 120 resnet-latency $PY benchmarks/inference_latency.py --device cuda \
+                --model resnet-18 --rounds 11 --budget-s 4 --threads 2 \
+                --models "$OUT/resnet18/models" --out "$OUT/inference_latency_resnet18_cuda" ;;
     esac
 done

@@ -17,7 +17,7 @@ def _run(*args, tmp_path):
 def test_unknown_or_missing_sections_exit_2_before_any_work(tmp_path):
     for args in (("bench", "nonsense"), ()):
         r = _run(*args, tmp_path=tmp_path)
-        assert r.returncode == 2 and "tests bench protocol lenet5 speech latency" in r.stderr
+        assert r.returncode == 2 and "tests bench protocol lenet5 speech latency resnet" in r.stderr
         assert not (tmp_path / "out").exists()
 
 
