@@ -323,12 +323,41 @@ def _resumed(args: argparse.Namespace, out: Path, log) -> tuple[list[Row], dict[
                 raise ResumeError(f"--resume: seed {seed} of {out} already went past chunk "
                                  f"{args.stop_after} (to {done[seed]['chunk']}); give a "
                                  f"larger --stop-after or none")
+    _refuse_dropping_finished_chunks(doc["rows"], args, out, done)
     rows = [Row(**r) for r in doc["rows"]
             if r["seed"] in done and r["chunk"] <= done[r["seed"]]["chunk"]]
     for seed in args.seeds:
         log(f"--resume: seed {seed} " + (f"goes on after chunk {done[seed]['chunk']}"
                                          if seed in done else "starts from the first chunk"))
     return rows, done
+
+
+def _refuse_dropping_finished_chunks(rows: list[dict], args: argparse.Namespace, out: Path,
+                                    done: dict[int, dict]) -> None:
+    """Raise ResumeError when going on would drop rows of a chunk every method finished.
+
+    A checkpoint is written after each such chunk, so one missing (or older than the rows)
+    means it was lost: checkpoints/ is git-ignored, and a fresh checkout has results.json
+    without them. Going on would start those seeds over and overwrite hours of rows; rows
+    of a chunk some method had not finished are dropped and recomputed as before.
+    """
+    methods = set(args.methods.split(","))
+    finished: dict[int, int] = {}
+    for seed in {r["seed"] for r in rows}:
+        for chunk in {r["chunk"] for r in rows if r["seed"] == seed}:
+            if {r["method"] for r in rows if r["seed"] == seed and r["chunk"] == chunk} >= methods:
+                finished[seed] = max(finished.get(seed, 0), chunk)
+    lost = {s: k for s, k in sorted(finished.items())
+            if s in args.seeds and k > done.get(s, {}).get("chunk", 0)}
+    if lost:
+        raise ResumeError(
+            f"--resume: {out / 'results.json'} holds finished chunks whose checkpoint is missing ("
+            + ", ".join(f"seed {s} through chunk {k}, checkpoint "
+                        + (f"at chunk {done[s]['chunk']}" if s in done
+                           else f"{_checkpoint_path(out, s)} absent") for s, k in lost.items())
+            + "); going on would start over and overwrite those rows. Rerun into another --out "
+            "and merge with `python -m gnp.report DIR --rows-from OTHER`, or move results.json "
+            "away to start over")
 
 
 def _write_json(out: Path, args: argparse.Namespace, rows: list[Row]) -> None:

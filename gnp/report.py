@@ -350,6 +350,42 @@ def merge_seeds(out: Path, other: Path) -> list[dict]:
     return doc["rows"] + [r for r in more["rows"] if r.get("seed", 0) not in have]
 
 
+# What a row's computation gives (its timing and the commit it names aside): two runs of
+# the same code, protocol and seed give these exactly on the CPU, so rows both hold must agree.
+_COMPUTED = ("test_error_pct", "active_params", "epochs", "sample_passes", "val_accuracy")
+
+
+def merge_rows(out: Path, other: Path, rows: list[dict] | None = None) -> tuple[list[dict], int]:
+    """Rows of `out` (or `rows`) plus each (seed, chunk, method) row of `other` they lack,
+    and how many rows both held: `other` reran part of the same protocol (a method or a
+    seed whose checkpoint was lost). Rows both hold must agree in :data:`_COMPUTED`, or the
+    runs are not the same computation and nothing merges (ValueError)."""
+    doc = json.loads((out / "results.json").read_text())
+    more = json.loads((other / "results.json").read_text())
+    differ = [k for k in (*_SAME_PROTOCOL, "compact", "incremental_lr")
+              if doc["args"].get(k) != more["args"].get(k)]
+    differ += [f"schedule {k}" for k in schedule_changes(doc.get("schedule", {}),
+                                                           more.get("schedule", {}))]
+    if differ:
+        raise ValueError(f"{other} ran a different protocol ({', '.join(differ)} differ)")
+    rows = doc["rows"] if rows is None else rows
+    have = {(r.get("seed", 0), r["chunk"], r["method"]): r for r in rows}
+    extra, shared = [], 0
+    for r in more["rows"]:
+        key = (r.get("seed", 0), r["chunk"], r["method"])
+        if key not in have:
+            extra.append(r)
+            continue
+        shared += 1
+        bad = [f"{f} {have[key].get(f)!r} vs {r.get(f)!r}" for f in _COMPUTED
+               if have[key].get(f) != r.get(f)]
+        if bad:
+            raise ValueError(f"{other} disagrees at seed {key[0]} chunk {key[1]} {key[2]} "
+                             f"({'; '.join(bad)}): not the same computation")
+    merged = sorted(rows + extra, key=lambda r: (r.get("seed", 0), r["chunk"]))
+    return merged, shared
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -360,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="take the methods this run lacks from another run of the same protocol")
     p.add_argument("--seeds-from", type=Path, action="append", default=[],
                    help="add the seeds this run lacks from another run of the same protocol")
+    p.add_argument("--rows-from", type=Path, action="append", default=[],
+                   help="add the (seed, chunk, method) rows this run lacks from a rerun of part "
+                        "of it (the same protocol; rows both hold must agree)")
     p.add_argument("--note", default="", help="a sentence to put above the table (how it was run)")
     args = p.parse_args(argv)
     try:
@@ -386,10 +425,15 @@ def _merged(args) -> tuple[list[dict] | None, str]:
             f"`{c}`" for c in runs) + ". "
     else:
         note_seeds = ""
+    note_rows = ""
+    for d in args.rows_from:
+        rows, shared = merge_rows(args.out, d, rows)
+        note_rows += (f"Rows this run lacks from `{json.loads((d / 'results.json').read_text())['command']}`"
+                      f" (a rerun of part of it; the {shared} rows both hold agree exactly). ")
     for b in args.baselines:
         rows = merge_baselines(args.out, b, rows)
     note = "".join(f"Rows of methods this run lacks from `{b}`. " for b in args.baselines)
-    return rows, note_seeds + note
+    return rows, note_seeds + note_rows + note
 
 
 if __name__ == "__main__":

@@ -150,6 +150,56 @@ def test_report_merges_seeds_run_apart_only_from_the_same_protocol(tmp_path):
     assert (first / "results.md").read_text() == before  # nothing written
 
 
+def test_report_fills_rows_from_a_partial_rerun_that_agrees(tmp_path):
+    """A method rerun alone (its seed's checkpoint lost) gives the rows of the combined run
+    exactly, so the rows the combined run lacks can come from it; a disagreement refuses."""
+    from gnp.report import main as report_main, merge_rows
+
+    def run(name, methods, chunks="2"):
+        out = tmp_path / name
+        assert main(["--dataset", "digits", "--chunks", chunks, "--methods", methods, "--out",
+                     str(out), "--quick", "--device", "cpu", "--no-progress"]) == 0
+        return out
+
+    whole, rerun = run("whole", "ours,tfs"), run("tfs", "tfs")
+    doc = json.loads((whole / "results.json").read_text())
+    expected = [(r["chunk"], r["method"], r["test_error_pct"]) for r in doc["rows"]]
+    cut = {**doc, "rows": doc["rows"][:-1]}  # the last tfs row was never made
+    (whole / "results.json").write_text(json.dumps(cut))
+    rows, shared = merge_rows(whole, rerun)
+    assert [(r["chunk"], r["method"], r["test_error_pct"]) for r in rows] == expected
+    assert shared == 1  # tfs chunk 1, held by both, equal in every computed field
+    assert report_main([str(whole), "--rows-from", str(rerun)]) == 0
+    assert "the 1 rows both hold agree exactly" in (whole / "results.md").read_text()
+    bad = json.loads((rerun / "results.json").read_text())
+    bad["rows"][0]["test_error_pct"] += 0.1
+    (rerun / "results.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="disagrees at seed 0 chunk 1 tfs"):
+        merge_rows(whole, rerun)
+    with pytest.raises(ValueError, match="chunks"):
+        merge_rows(whole, run("three", "tfs", chunks="3"))
+
+
+def test_resume_refuses_to_overwrite_finished_chunks_whose_checkpoint_is_lost(tmp_path, capsys):
+    common = ["--dataset", "digits", "--chunks", "3", "--methods", "ours,tfs", "--quick",
+              "--device", "cpu", "--no-progress", "--out", str(tmp_path)]
+    assert main([*common, "--stop-after", "2"]) == 0
+    (tmp_path / "checkpoints" / "seed0.pt").unlink()  # a fresh checkout: checkpoints are ignored
+    before = (tmp_path / "results.json").read_text()
+    assert main([*common, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "seed 0 through chunk 2" in err and "--rows-from" in err
+    assert (tmp_path / "results.json").read_text() == before  # nothing overwritten
+    # Rows of a chunk not every method finished (a stop inside chunk 1) are recomputed.
+    doc = json.loads(before)
+    (tmp_path / "results.json").write_text(json.dumps({**doc, "rows": doc["rows"][:1]}))
+    assert main([*common, "--resume", "--stop-after", "1"]) == 0
+    assert "seed 0 starts from the first chunk" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["chunk"], r["method"]) for r in rows] == [(1, "ours"), (1, "tfs")]
+    assert rows[0]["test_error_pct"] == doc["rows"][0]["test_error_pct"]
+
+
 def test_a_stopped_run_resumes_where_it_stopped_with_the_same_results(tmp_path, capsys):
     """--resume goes on from the last chunk every method finished (checkpointed carries)
     and gives the rows of a run that never stopped."""
