@@ -206,7 +206,7 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
     options = {"test_speakers": args.test_speakers} if args.test_speakers else {}
     ds = load_dataset(args.dataset, args.data_dir, **options)
     if args.test_size is not None:  # a reduced run: one fixed test subset for every seed
-        ds = replace(ds, test=random_subset(ds.test, args.test_size, TEST_SUBSET_SEED))
+        ds = replace(ds, test=_subset(ds.test, args.test_size, TEST_SUBSET_SEED, "--test-size"))
     schedule, methods = schedule_of(args), args.methods.split(",")
     device = resolve_device(args.device)
     task = _task(ds)
@@ -220,7 +220,7 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
     for seed in args.seeds:
         train = ds.train
         if args.train_size is not None:  # a reduced run: a fixed random subset of the training set
-            train = random_subset(train, args.train_size, seed)
+            train = _subset(train, args.train_size, seed, "--train-size")
         val_size = args.val_size if args.val_size is not None else default_val_size(
             args.dataset, len(train))
         chunks, val = incremental_split(train, args.chunks, val_size, seed=seed)
@@ -258,8 +258,19 @@ def run_protocol(args: argparse.Namespace, out: Path, log=print) -> list[Row]:
     return rows
 
 
-class ResumeError(ValueError):
+class RunError(ValueError):
+    """The run cannot start with these arguments on this data (before any training)."""
+
+
+class ResumeError(RunError):
     """--resume cannot go on with the run in --out (other arguments, or already past)."""
+
+
+def _subset(data, n: int, seed: int, flag: str):
+    try:
+        return random_subset(data, n, seed)
+    except ValueError as e:  # larger than the data set: say which flag, no traceback
+        raise RunError(f"{flag} {n}: {e}") from None
 
 
 # Arguments a resumed run may change: how far it goes, what it shows, where it runs.
@@ -511,8 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         rows = run_protocol(args, args.out)
-    except ResumeError as e:
-        print(e, file=sys.stderr)
+    except RunError as e:
+        print(f"gnp.experiments: {e}", file=sys.stderr)
         return 2
     from gnp.report import write_report  # matplotlib only when writing the report
     write_report(args.out, rows)

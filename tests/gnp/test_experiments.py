@@ -289,7 +289,12 @@ def test_reduced_runs_test_on_one_fixed_subset_and_cap_pruning_alike(tmp_path):
         assert r["prune_iterations"] <= 1
 
 
-def test_reduced_run_arguments_are_checked():
+def test_reduced_run_arguments_are_checked(tmp_path, capsys):
+    # Larger than the data set: a message naming the flag before any training, no traceback.
+    assert main(["--dataset", "digits", "--test-size", "100000", "--out", str(tmp_path),
+                 "--no-progress"]) == 2
+    assert "--test-size 100000: a subset needs 1.." in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
     for bad in (["--prune-beta", "0"], ["--prune-beta", "100"], ["--prune-steps", "-1"],
                 ["--test-size", "0"]):
         with pytest.raises(SystemExit):
