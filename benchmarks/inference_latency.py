@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     ds = load_dataset(args.dataset)
     if args.test_size is not None:
-        ds = replace(ds, test=random_subset(ds.test, args.test_size, TEST_SUBSET_SEED))
+        try:
+            ds = replace(ds, test=random_subset(ds.test, args.test_size, TEST_SUBSET_SEED))
+        except ValueError as e:  # larger than the test set
+            p.error(f"--test-size {args.test_size}: {e}")
     shape, classes = tuple(ds.input_shape), ds.num_classes
     f = lambda tag, d=args.models: _load(d / f"{tag}.safetensors", args.model, shape, classes)  # noqa: E731
     cgap_dir = args.cgap_models or args.models

@@ -31,3 +31,10 @@ def test_latency_bench_times_every_export_and_tests_on_the_protocols_subset(tmp_
     assert rows["compact (cgap)"]["params"] < rows["dense (tfs weights, no masks)"]["params"]
     for r in rows.values():
         assert r["latency_us"]["1t/b1"]["median"] > 0
+    # A test subset larger than the test set: a usage error naming the flag, nothing written.
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inference_latency.py"),
+                          "--models", str(run / "models"), "--dataset", "digits",
+                          "--test-size", "100000", "--out", str(tmp_path / "bad")],
+                         cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--test-size 100000: a subset needs" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad.json").exists()
