@@ -57,17 +57,28 @@ def _fmt(cell: dict, field: str, spec: str) -> str:
     return f"{mean:{spec}}" + (f" ± {sd:{spec}}" if sd is not None else "")
 
 
+def _seed_counts(agg: dict, k: int, methods: list[str]) -> str:
+    """How many seeds a table row averages: "3", or per method where they differ."""
+    ns = {m: agg[(k, m)]["n"] for m in methods if (k, m) in agg}
+    if len(set(ns.values())) == 1:
+        return str(next(iter(ns.values())))
+    return ", ".join(f"{m} {n}" for m, n in ns.items())
+
+
 def markdown_table(rows: list[Any], metric: str = "err") -> str:
     """Paper Table 4 layout: a row per data fraction; error % (or WER %), active params, epochs
-    per method."""
+    per method. Where some cells average fewer seeds than others (a run still going, merged
+    with finished seeds), a column says how many seeds each row holds."""
     rows = _rows(rows)
     chunks, methods = _order(rows)
     agg = aggregate(rows)
-    head = ["data"] + [f"{m} {c}" for m in methods for c in (f"{metric} %", "params", "epochs")]
+    uneven = len({c["n"] for c in agg.values()}) > 1
+    head = ["data"] + (["seeds"] if uneven else []) + [
+        f"{m} {c}" for m in methods for c in (f"{metric} %", "params", "epochs")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in chunks:
         frac = next(c["data_fraction"] for (kk, _), c in agg.items() if kk == k)
-        cells = [f"{frac:.0%}"]
+        cells = [f"{frac:.0%}"] + ([_seed_counts(agg, k, methods)] if uneven else [])
         for m in methods:
             c = agg.get((k, m), {})
             cells += [_fmt(c, "test_error_pct", ".2f"), _fmt(c, "active_params", ",.0f"),
@@ -78,24 +89,34 @@ def markdown_table(rows: list[Any], metric: str = "err") -> str:
 
 def claims(rows: list[Any], error_margin_pp: float = ERROR_MARGIN_PP,
            max_epoch_ratio: float = MAX_EPOCH_RATIO) -> list[dict]:
-    """Per chunk from the second on, on seed means: ours vs each baseline present (tfs, nft)."""
+    """Per chunk from the second on: ours vs each baseline present (tfs, nft), on the means
+    over the seeds both have at that chunk (paired: a seed one method lacks is left out of
+    that comparison, so seeds still running do not tilt it)."""
     rows = _rows(rows)
-    chunks, methods = _order(rows)
-    agg = aggregate(rows)
+    chunks, _ = _order(rows)
+    by_seed: dict[tuple[int, str], dict[int, dict]] = {}
+    for r in rows:
+        by_seed.setdefault((r["chunk"], r["method"]), {})[r.get("seed", 0)] = r
     out = []
     for k in chunks[1:]:
-        ours = agg.get((k, "ours"))
-        bases = {b: agg[(k, b)] for b in ("tfs", "nft") if (k, b) in agg}
-        if not ours or not bases:
+        ours = by_seed.get((k, "ours"))
+        if not ours:
             continue
-        c = {"chunk": k, "data_fraction": ours["data_fraction"], "vs": {}}
-        for b, base in bases.items():
-            err = ours["test_error_pct"][0] - base["test_error_pct"][0]
-            params = ours["active_params"][0] / base["active_params"][0]
-            epochs = ours["epochs"][0] / base["epochs"][0]
+        c = {"chunk": k, "data_fraction": next(iter(ours.values()))["data_fraction"], "vs": {}}
+        for b in ("tfs", "nft"):
+            base = by_seed.get((k, b), {})
+            seeds = sorted(ours.keys() & base.keys())
+            if not seeds:
+                continue
+            mean = lambda rs, f: statistics.fmean(rs[s][f] for s in seeds)  # noqa: E731
+            err = mean(ours, "test_error_pct") - mean(base, "test_error_pct")
+            params = mean(ours, "active_params") / mean(base, "active_params")
+            epochs = mean(ours, "epochs") / mean(base, "epochs")
             c["vs"][b] = {"error_diff_pp": err, "params_ratio": params, "epoch_ratio": epochs,
                           "error_ok": err <= error_margin_pp, "params_ok": params <= 1.0,
-                          "epochs_ok": epochs <= max_epoch_ratio}
+                          "epochs_ok": epochs <= max_epoch_ratio, "seeds": len(seeds)}
+        if not c["vs"]:
+            continue
         c["holds"] = all(v["error_ok"] and v["params_ok"] and v["epochs_ok"] for v in c["vs"].values())
         out.append(c)
     return out
@@ -103,8 +124,10 @@ def claims(rows: list[Any], error_margin_pp: float = ERROR_MARGIN_PP,
 
 def _claims_table(cs: list[dict]) -> str:
     bases = list(dict.fromkeys(b for c in cs for b in c["vs"]))
+    uneven = len({v["seeds"] for c in cs for v in c["vs"].values()}) > 1
     head = ["data"] + [f"{x} vs {b.upper()}" for b in bases
-                       for x in ("err diff (pp)", "params ratio", "epochs ratio")] + ["holds"]
+                       for x in ("err diff (pp)", "params ratio", "epochs ratio")] + \
+        (["seeds paired"] if uneven else []) + ["holds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mark = lambda ok: "" if ok else " ✗"  # noqa: E731
     for c in cs:
@@ -114,6 +137,10 @@ def _claims_table(cs: list[dict]) -> str:
             cells += ([f"{v['error_diff_pp']:+.2f}{mark(v['error_ok'])}",
                        f"{v['params_ratio']:.2f}{mark(v['params_ok'])}",
                        f"{v['epoch_ratio']:.2f}{mark(v['epochs_ok'])}"] if v else ["", "", ""])
+        if uneven:
+            cells.append(", ".join(f"{b.upper()} {v['seeds']}" for b, v in c["vs"].items())
+                         if len({v["seeds"] for v in c["vs"].values()}) > 1
+                         else str(next(iter(c["vs"].values()))["seeds"]))
         lines.append("| " + " | ".join(cells) + f" | {'yes' if c['holds'] else 'no'} |")
     return "\n".join(lines)
 
@@ -264,7 +291,8 @@ def write_report(out: Path, rows: list[Any] | None = None, note: str = "") -> No
     if cs:
         md += ["## Claims checked (seed means, from the second chunk on)", "",
                f"ours' test error <= each baseline's + {ERROR_MARGIN_PP} pp, active parameters <= "
-               f"each baseline's, epochs <= {MAX_EPOCH_RATIO} x each baseline's (✗ marks a miss).",
+               f"each baseline's, epochs <= {MAX_EPOCH_RATIO} x each baseline's (✗ marks a miss); "
+               "each comparison on the seeds both methods have at that chunk.",
                "", _claims_table(cs), "", f"Holds at {held} of {len(cs)} chunks.", ""]
     md += ["## Diagnostics", "", "Test error and validation accuracy before pruning, validation "
            "accuracy of the served model; "

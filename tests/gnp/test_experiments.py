@@ -68,6 +68,24 @@ def test_seeds_are_aggregated_as_mean_and_sd():
     assert c["vs"]["tfs"]["error_diff_pp"] == pytest.approx(-0.5) and c["holds"]
 
 
+def test_claims_pair_seeds_when_a_merged_seed_is_still_running():
+    """Seed 1 has ours at chunk 2 but not yet TFS: the claim compares seed 0 with seed 0
+    (an unpaired mean would put ours 1 pp behind), and the tables say how many seeds."""
+    from gnp.report import _claims_table
+    rows = [_row(k, m, 10, 100, 60, seed=s) for k in (1,) for m in ("ours", "tfs") for s in (0, 1)]
+    rows += [_row(2, "ours", 10.0, 90, 25), _row(2, "ours", 12.0, 90, 25, seed=1),
+             _row(2, "tfs", 10.0, 100, 60), _row(3, "ours", 10.0, 90, 25),
+             _row(3, "tfs", 10.0, 100, 60)]
+    rows += [_row(3, m, 10.0, p, e, seed=1) for m, p, e in (("ours", 90, 25), ("tfs", 100, 60))]
+    c2, c3 = claims(rows)
+    assert c2["vs"]["tfs"]["error_diff_pp"] == pytest.approx(0.0) and c2["holds"]
+    assert (c2["vs"]["tfs"]["seeds"], c3["vs"]["tfs"]["seeds"]) == (1, 2)
+    assert "| 100% | +0.00 | 0.90 | 0.42 | 1 | yes |" in _claims_table([c2, c3])
+    table = markdown_table(rows)
+    assert "| data | seeds |" in table and "| 100% | ours 2, tfs 1 |" in table
+    assert "| data | seeds |" not in markdown_table([r for r in rows if r["seed"] == 0])
+
+
 def test_seeds_option_runs_the_protocol_per_seed(tmp_path):
     out = tmp_path / "seeds"
     assert main(["--dataset", "digits", "--chunks", "2", "--stop-after", "1", "--methods", "tfs",
