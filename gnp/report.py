@@ -247,18 +247,27 @@ def _plot(rows: list[dict], path: Path, metric: str = "error") -> None:
 
 
 def _code_versions(rows: list[dict]) -> str:
-    """Which commits of gnp made the rows ("unrecorded": rows from before rows said)."""
+    """Which commits of gnp made the rows ("unrecorded": rows from before rows said); with
+    the methods where one chunk has rows of several commits (a merged baseline run)."""
     made: dict[str, dict[int, list[int]]] = {}
+    methods: dict[tuple[str, int], list[str]] = {}
+    codes_of: dict[tuple[int, int], set[str]] = {}
     for r in rows:
-        code = r.get("code") or "unrecorded"
-        made.setdefault(code, {}).setdefault(r.get("seed", 0), []).append(r["chunk"])
+        code, seed = r.get("code") or "unrecorded", r.get("seed", 0)
+        made.setdefault(code, {}).setdefault(seed, []).append(r["chunk"])
+        ms = methods.setdefault((code, seed), [])
+        ms += [r["method"]] if r["method"] not in ms else []
+        codes_of.setdefault((seed, r["chunk"]), set()).add(code)
     if list(made) == ["unrecorded"]:
         return ""
     if len(made) == 1:
         return f" Code: gnp at {next(iter(made))}."
+    mixed = any(len(c) > 1 for c in codes_of.values())
     return " Code (the rows span commits): " + "; ".join(
-        f"{code} made " + ", ".join(f"seed {seed} chunks {min(ks)}-{max(ks)}"
-                                    for seed, ks in sorted(seeds.items()))
+        f"{code} made " + ", ".join(
+            f"seed {seed} chunks {min(ks)}-{max(ks)}"
+            + (f" ({', '.join(methods[(code, seed)])})" if mixed else "")
+            for seed, ks in sorted(seeds.items()))
         for code, seeds in made.items()) + "."
 
 

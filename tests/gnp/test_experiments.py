@@ -35,6 +35,11 @@ def test_the_report_says_when_rows_span_commits():
     assert _code_versions(rows[2:]) == " Code: gnp at abc."
     assert _code_versions(rows) == (" Code (the rows span commits): unrecorded made seed 0 "
                                     "chunks 1-2; abc made seed 0 chunks 3-4.")
+    # A merged baseline run: one chunk has rows of two commits, so the methods are named.
+    rows += [{**_row(k, "tfs", 10, 100, 60), "code": "def"} for k in (1, 2, 3, 4)]
+    assert _code_versions(rows) == (" Code (the rows span commits): unrecorded made seed 0 "
+                                    "chunks 1-2 (ours); abc made seed 0 chunks 3-4 (ours); "
+                                    "def made seed 0 chunks 1-4 (tfs).")
 
 
 def _row(k, m, err, params, ep, seed=0):
