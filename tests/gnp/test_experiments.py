@@ -199,6 +199,9 @@ def test_report_fills_rows_from_a_partial_rerun_that_agrees(tmp_path):
     (rerun / "results.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="disagrees at seed 0 chunk 1 tfs"):
         merge_rows(whole, rerun)
+    before = (whole / "results.md").read_text()
+    assert report_main([str(whole), "--rows-from", str(rerun)]) == 2  # a message, no traceback
+    assert (whole / "results.md").read_text() == before  # nothing written
     with pytest.raises(ValueError, match="chunks"):
         merge_rows(whole, run("three", "tfs", chunks="3"))
 
