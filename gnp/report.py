@@ -372,17 +372,23 @@ def schedule_changes(recorded: dict, current: dict) -> dict[str, tuple[Any, Any]
     return {k: (a[k], b[k]) for k in sorted(a) if k in b and a[k] != b[k]}
 
 
-def merge_seeds(out: Path, other: Path) -> list[dict]:
-    """Rows of `out` plus the rows of seeds it lacks from `other`, a run of the same protocol
-    and methods with other seeds (seeds run as separate processes)."""
-    doc = json.loads((out / "results.json").read_text())
-    more = json.loads((other / "results.json").read_text())
-    differ = [k for k in (*_SAME_PROTOCOL, "methods", "compact", "incremental_lr")
+def _same_protocol(doc: dict, more: dict, other: Path, *also: str) -> None:
+    """Raise ValueError unless `more` (the run in `other`) ran `doc`'s protocol: the same
+    arguments that shape the rows (and `also`) and the same recorded schedule."""
+    differ = [k for k in (*_SAME_PROTOCOL, *also, "compact", "incremental_lr")
               if doc["args"].get(k) != more["args"].get(k)]
     differ += [f"schedule {k}" for k in schedule_changes(doc.get("schedule", {}),
                                                            more.get("schedule", {}))]
     if differ:
         raise ValueError(f"{other} ran a different protocol ({', '.join(differ)} differ)")
+
+
+def merge_seeds(out: Path, other: Path) -> list[dict]:
+    """Rows of `out` plus the rows of seeds it lacks from `other`, a run of the same protocol
+    and methods with other seeds (seeds run as separate processes)."""
+    doc = json.loads((out / "results.json").read_text())
+    more = json.loads((other / "results.json").read_text())
+    _same_protocol(doc, more, other, "methods")
     have = {r.get("seed", 0) for r in doc["rows"]}
     return doc["rows"] + [r for r in more["rows"] if r.get("seed", 0) not in have]
 
@@ -399,12 +405,7 @@ def merge_rows(out: Path, other: Path, rows: list[dict] | None = None) -> tuple[
     runs are not the same computation and nothing merges (ValueError)."""
     doc = json.loads((out / "results.json").read_text())
     more = json.loads((other / "results.json").read_text())
-    differ = [k for k in (*_SAME_PROTOCOL, "compact", "incremental_lr")
-              if doc["args"].get(k) != more["args"].get(k)]
-    differ += [f"schedule {k}" for k in schedule_changes(doc.get("schedule", {}),
-                                                           more.get("schedule", {}))]
-    if differ:
-        raise ValueError(f"{other} ran a different protocol ({', '.join(differ)} differ)")
+    _same_protocol(doc, more, other)
     rows = doc["rows"] if rows is None else rows
     have = {(r.get("seed", 0), r["chunk"], r["method"]): r for r in rows}
     extra, shared = [], 0
