@@ -273,8 +273,9 @@ def _subset(data, n: int, seed: int, flag: str):
         raise RunError(f"{flag} {n}: {e}") from None
 
 
-# Arguments a resumed run may change: how far it goes, what it shows, where it runs.
-_RESUMABLE_CHANGES = {"stop_after", "no_progress", "resume", "device", "argv"}
+# Arguments a resumed run may change: how far it goes, what it shows, where it runs, and
+# where its directory is (a run moved, or checked out elsewhere, goes on).
+_RESUMABLE_CHANGES = {"stop_after", "no_progress", "resume", "device", "argv", "out"}
 
 
 def _checkpoint_path(out: Path, seed: int) -> Path:

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -273,6 +274,11 @@ def test_a_stopped_run_resumes_where_it_stopped_with_the_same_results(tmp_path, 
     del doc_parts["schedule"]["carry_unpruned"], doc_parts["schedule"]["finetune_epochs"]
     (parts / "results.json").write_text(json.dumps(doc_parts))
     assert main([*common, "--out", str(parts), "--resume"]) == 0
+    assert "seed 0 goes on after chunk 3" in capsys.readouterr().out
+    # A run directory moved (or checked out elsewhere, its checkpoint committed) goes on.
+    moved = tmp_path / "elsewhere" / "parts"
+    shutil.copytree(parts, moved)
+    assert main([*common, "--out", str(moved), "--resume"]) == 0
     assert "seed 0 goes on after chunk 3" in capsys.readouterr().out
 
 
