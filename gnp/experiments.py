@@ -354,11 +354,13 @@ def _refuse_dropping_finished_chunks(rows: list[dict], args: argparse.Namespace,
     of a chunk some method had not finished are dropped and recomputed as before.
     """
     methods = set(args.methods.split(","))
+    made: dict[tuple[int, int], set[str]] = {}
+    for r in rows:
+        made.setdefault((r["seed"], r["chunk"]), set()).add(r["method"])
     finished: dict[int, int] = {}
-    for seed in {r["seed"] for r in rows}:
-        for chunk in {r["chunk"] for r in rows if r["seed"] == seed}:
-            if {r["method"] for r in rows if r["seed"] == seed and r["chunk"] == chunk} >= methods:
-                finished[seed] = max(finished.get(seed, 0), chunk)
+    for (seed, chunk), ms in made.items():
+        if ms >= methods:
+            finished[seed] = max(finished.get(seed, 0), chunk)
     lost = {s: k for s, k in sorted(finished.items())
             if s in args.seeds and k > done.get(s, {}).get("chunk", 0)}
     if lost:
