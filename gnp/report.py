@@ -374,9 +374,14 @@ def schedule_changes(recorded: dict, current: dict) -> dict[str, tuple[Any, Any]
 
 def _same_protocol(doc: dict, more: dict, other: Path, *also: str) -> None:
     """Raise ValueError unless `more` (the run in `other`) ran `doc`'s protocol: the same
-    arguments that shape the rows (and `also`) and the same recorded schedule."""
-    differ = [k for k in (*_SAME_PROTOCOL, *also, "compact", "incremental_lr")
-              if doc["args"].get(k) != more["args"].get(k)]
+    arguments that shape the rows (and `also`) and the same recorded schedule. The peak lr
+    of updates is compared as recorded in the schedules where both record it: the flag
+    spelled out (`--incremental-lr 0.01`) and the default of the day that gave the same
+    value are the same protocol."""
+    keys = [*_SAME_PROTOCOL, *also, "compact"]
+    if not all("incremental_lr" in d.get("schedule", {}) for d in (doc, more)):
+        keys.append("incremental_lr")
+    differ = [k for k in keys if doc["args"].get(k) != more["args"].get(k)]
     differ += [f"schedule {k}" for k in schedule_changes(doc.get("schedule", {}),
                                                            more.get("schedule", {}))]
     if differ:

@@ -179,13 +179,15 @@ def test_report_fills_rows_from_a_partial_rerun_that_agrees(tmp_path):
     exactly, so the rows the combined run lacks can come from it; a disagreement refuses."""
     from gnp.report import main as report_main, merge_rows
 
-    def run(name, methods, chunks="2"):
+    def run(name, methods, *more, chunks="2"):
         out = tmp_path / name
         assert main(["--dataset", "digits", "--chunks", chunks, "--methods", methods, "--out",
-                     str(out), "--quick", "--device", "cpu", "--no-progress"]) == 0
+                     str(out), "--quick", "--device", "cpu", "--no-progress", *more]) == 0
         return out
 
-    whole, rerun = run("whole", "ours,tfs"), run("tfs", "tfs")
+    # The rerun spells out the default the first run took (`--incremental-lr 0`: the
+    # training lr): the recorded schedules agree, so it is the same protocol.
+    whole, rerun = run("whole", "ours,tfs"), run("tfs", "tfs", "--incremental-lr", "0")
     doc = json.loads((whole / "results.json").read_text())
     expected = [(r["chunk"], r["method"], r["test_error_pct"]) for r in doc["rows"]]
     cut = {**doc, "rows": doc["rows"][:-1]}  # the last tfs row was never made
@@ -205,6 +207,8 @@ def test_report_fills_rows_from_a_partial_rerun_that_agrees(tmp_path):
     assert (whole / "results.md").read_text() == before  # nothing written
     with pytest.raises(ValueError, match="chunks"):
         merge_rows(whole, run("three", "tfs", chunks="3"))
+    with pytest.raises(ValueError, match="schedule incremental_lr"):
+        merge_rows(whole, run("slow", "tfs", "--incremental-lr", "0.01"))
 
 
 def test_resume_refuses_to_overwrite_finished_chunks_whose_checkpoint_is_lost(tmp_path, capsys):
