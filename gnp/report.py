@@ -247,27 +247,34 @@ def _plot(rows: list[dict], path: Path, metric: str = "error") -> None:
 
 
 def _code_versions(rows: list[dict]) -> str:
-    """Which commits of gnp made the rows ("unrecorded": rows from before rows said); with
-    the methods where one chunk has rows of several commits (a merged baseline run)."""
-    made: dict[str, dict[int, list[int]]] = {}
-    methods: dict[tuple[str, int], list[str]] = {}
+    """Which commits of gnp made the rows ("unrecorded": rows from before rows said); where
+    one chunk has rows of several commits (a merged baseline run or rerun), each method's
+    own chunks."""
+    made: dict[str, dict[int, dict[str, list[int]]]] = {}
     codes_of: dict[tuple[int, int], set[str]] = {}
     for r in rows:
         code, seed = r.get("code") or "unrecorded", r.get("seed", 0)
-        made.setdefault(code, {}).setdefault(seed, []).append(r["chunk"])
-        ms = methods.setdefault((code, seed), [])
-        ms += [r["method"]] if r["method"] not in ms else []
+        made.setdefault(code, {}).setdefault(seed, {}).setdefault(r["method"], []).append(r["chunk"])
         codes_of.setdefault((seed, r["chunk"]), set()).add(code)
     if list(made) == ["unrecorded"]:
         return ""
     if len(made) == 1:
         return f" Code: gnp at {next(iter(made))}."
     mixed = any(len(c) > 1 for c in codes_of.values())
+
+    def span(ks: list[int]) -> str:
+        return f"chunks {min(ks)}-{max(ks)}" if min(ks) < max(ks) else f"chunk {ks[0]}"
+
+    def of_seed(seed: int, by_method: dict[str, list[int]]) -> str:
+        if not mixed:
+            return f"seed {seed} {span([k for ks in by_method.values() for k in ks])}"
+        spans: dict[str, list[str]] = {}  # chunk span -> the methods with those chunks
+        for m, ks in by_method.items():
+            spans.setdefault(span(ks), []).append(m)
+        return f"seed {seed} " + ", ".join(f"{sp} ({', '.join(ms)})" for sp, ms in spans.items())
+
     return " Code (the rows span commits): " + "; ".join(
-        f"{code} made " + ", ".join(
-            f"seed {seed} chunks {min(ks)}-{max(ks)}"
-            + (f" ({', '.join(methods[(code, seed)])})" if mixed else "")
-            for seed, ks in sorted(seeds.items()))
+        f"{code} made " + ", ".join(of_seed(seed, bm) for seed, bm in sorted(seeds.items()))
         for code, seeds in made.items()) + "."
 
 
@@ -309,17 +316,18 @@ def write_report(out: Path, rows: list[Any] | None = None, note: str = "") -> No
            "update, and the densest it got; pruning iterations kept, the pruning phase's "
            "retraining in all-data epochs, and why pruning stopped.", "",
            _diagnostics_table(rows), ""]
-    if any(r.get("compact_params") for r in rows):
+    # A section only where it has a row: a cell's fields are those of its first seed's row,
+    # so a field that only rows merged from a later run hold (a rerun's) fills no cell.
+    if (table := _compact_table(rows)).count("\n") > 1:
         md += ["## Non-recoverable export", "", "Pruned on from the served model past the "
                "recoverable conditions, within 0.5 pp of its validation accuracy (plus the paired "
                "noise allowance); stored compactly (packed mask bits + active values, "
-               "`gnp.export`).", "", _compact_table(rows), ""]
-    if any(r.get("physical_params") for r in rows):
+               "`gnp.export`).", "", table, ""]
+    if (table := _physical_table(rows)).count("\n") > 1:
         md += ["## FLOPs and physical size", "", "Multiply-accumulates per sample over the "
                "served model's active weights (what sparse hardware would pay), and the plain "
                "dense model `gnp.compact` slices out of it (inactive units removed; what ordinary "
-               "dense kernels pay): its parameters, MACs and safetensors file.", "",
-               _physical_table(rows), ""]
+               "dense kernels pay): its parameters, MACs and safetensors file.", "", table, ""]
     (out / "results.md").write_text("\n".join(md))
     _plot(rows, out / "results.png", metric)
 

@@ -41,6 +41,13 @@ def test_the_report_says_when_rows_span_commits():
     assert _code_versions(rows) == (" Code (the rows span commits): unrecorded made seed 0 "
                                     "chunks 1-2 (ours); abc made seed 0 chunks 3-4 (ours); "
                                     "def made seed 0 chunks 1-4 (tfs).")
+    # A rerun that adds the last chunk of two methods: each method's own chunks, so the
+    # line does not credit the first run with a chunk it never made.
+    rows = [{**_row(k, m, 10, 100, 20), "code": None} for k in (1, 2, 3) for m in ("ours", "tfs")
+            if (k, m) != (3, "tfs")] + [{**_row(3, "tfs", 10, 100, 60), "code": "abc"}]
+    assert _code_versions(rows) == (" Code (the rows span commits): unrecorded made seed 0 "
+                                    "chunks 1-3 (ours), chunks 1-2 (tfs); abc made seed 0 "
+                                    "chunk 3 (tfs).")
 
 
 def _row(k, m, err, params, ep, seed=0):
@@ -335,3 +342,22 @@ def test_reduced_run_arguments_are_checked(tmp_path, capsys):
                 ["--test-size", "0"]):
         with pytest.raises(SystemExit):
             parse_args(bad + ["--out", "x", "--dataset", "digits"])
+
+
+def test_report_leaves_out_sections_no_cell_fills(tmp_path):
+    """Physical sizes only on a rerun's row (a later engine recorded them): the seed means
+    take a cell's fields from its first seed, so no cell has them, and no empty table shows."""
+    from gnp.report import write_report
+
+    rows = [_row(k, m, 10, 100, 20, seed=s) | {"device": "cpu"}
+            for s in (0, 1) for k in (1, 2) for m in ("ours", "tfs")]
+    rows[-1] |= {"physical_params": 90, "macs": 80, "physical_macs": 70, "physical_bytes": 400}
+    doc = {"args": {"model": "lenet-300-100", "dataset": "digits"}, "command": "c", "date": "d",
+           "machine": {"platform": "p", "torch": "t"}, "rows": rows}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    write_report(tmp_path)
+    assert "FLOPs and physical size" not in (tmp_path / "results.md").read_text()
+    rows[3] |= {"physical_params": 95, "macs": 85, "physical_macs": 75, "physical_bytes": 410}
+    write_report(tmp_path, rows)
+    md = (tmp_path / "results.md").read_text()
+    assert "FLOPs and physical size" in md and "| 100% | tfs |" in md
