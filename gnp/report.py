@@ -65,6 +65,12 @@ def _seed_counts(agg: dict, k: int, methods: list[str]) -> str:
     return ", ".join(f"{m} {n}" for m, n in ns.items())
 
 
+def _md(head: list[str], body: list[list[str]]) -> str:
+    """A markdown table: the header row, its rule, a row per list of cells."""
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(cells) + " |" for cells in body)])
+
+
 def markdown_table(rows: list[Any], metric: str = "err") -> str:
     """Paper Table 4 layout: a row per data fraction; error % (or WER %), active params, epochs
     per method. Where some cells average fewer seeds than others (a run still going, merged
@@ -75,7 +81,7 @@ def markdown_table(rows: list[Any], metric: str = "err") -> str:
     uneven = len({c["n"] for c in agg.values()}) > 1
     head = ["data"] + (["seeds"] if uneven else []) + [
         f"{m} {c}" for m in methods for c in (f"{metric} %", "params", "epochs")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for k in chunks:
         frac = next(c["data_fraction"] for (kk, _), c in agg.items() if kk == k)
         cells = [f"{frac:.0%}"] + ([_seed_counts(agg, k, methods)] if uneven else [])
@@ -83,8 +89,8 @@ def markdown_table(rows: list[Any], metric: str = "err") -> str:
             c = agg.get((k, m), {})
             cells += [_fmt(c, "test_error_pct", ".2f"), _fmt(c, "active_params", ",.0f"),
                       _fmt(c, "epochs", ".1f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return _md(head, body)
 
 
 def claims(rows: list[Any], error_margin_pp: float = ERROR_MARGIN_PP,
@@ -128,7 +134,7 @@ def _claims_table(cs: list[dict]) -> str:
     head = ["data"] + [f"{x} vs {b.upper()}" for b in bases
                        for x in ("err diff (pp)", "params ratio", "epochs ratio")] + \
         (["seeds paired"] if uneven else []) + ["holds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     mark = lambda ok: "" if ok else " ✗"  # noqa: E731
     for c in cs:
         cells = [f"{c['data_fraction']:.0%}"]
@@ -141,8 +147,8 @@ def _claims_table(cs: list[dict]) -> str:
             cells.append(", ".join(f"{b.upper()} {v['seeds']}" for b, v in c["vs"].items())
                          if len({v["seeds"] for v in c["vs"].values()}) > 1
                          else str(next(iter(c["vs"].values()))["seeds"]))
-        lines.append("| " + " | ".join(cells) + f" | {'yes' if c['holds'] else 'no'} |")
-    return "\n".join(lines)
+        body.append(cells + ["yes" if c["holds"] else "no"])
+    return _md(head, body)
 
 
 def _diagnostics_table(rows: list[dict]) -> str:
@@ -153,61 +159,63 @@ def _diagnostics_table(rows: list[dict]) -> str:
             "density before growth",
             "density after last growth", "max density", "prune iterations", "prune epochs",
             "pruning stopped by", "peak lr"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for k in chunks:
         for m in methods:
             c = agg.get((k, m))
             if not c:
                 continue
             stops = ", ".join(f"{s} x{c['stopped_by'].count(s)}" for s in dict.fromkeys(c["stopped_by"]))
-            lines.append("| " + " | ".join([
+            body.append([
                 f"{c['data_fraction']:.0%}", m, _fmt(c, "pre_prune_test_error_pct", ".2f"),
                 _fmt(c, "pre_prune_val_accuracy", ".4f"),
                 _fmt(c, "val_accuracy", ".4f"), _fmt(c, "density_before_growth", ".3f"),
                 _fmt(c, "density_after_growth", ".3f"), _fmt(c, "max_density", ".3f"),
                 _fmt(c, "prune_iterations", ".1f"), _fmt(c, "prune_epochs", ".1f"), stops,
-                _fmt(c, "peak_lr", ".3g")]) + " |")
-    return "\n".join(lines)
+                _fmt(c, "peak_lr", ".3g")])
+    return _md(head, body)
 
 
 def _compact_table(rows: list[dict]) -> str:
+    """The non-recoverable exports; "" where no cell has one."""
     chunks, methods = _order(rows)
     agg = aggregate(rows)
     head = ["data", "method", "recoverable err %", "recoverable params", "compact err %",
             "compact params", "compact / recoverable", "compact file (bytes)", "dense file (bytes)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for k in chunks:
         for m in methods:
             c = agg.get((k, m))
             if not c or "compact_params" not in c:
                 continue
             ratio = c["compact_params"][0] / c["active_params"][0]
-            lines.append("| " + " | ".join([
+            body.append([
                 f"{c['data_fraction']:.0%}", m, _fmt(c, "test_error_pct", ".2f"),
                 _fmt(c, "active_params", ",.0f"), _fmt(c, "compact_test_error_pct", ".2f"),
                 _fmt(c, "compact_params", ",.0f"), f"{ratio:.2f}",
-                _fmt(c, "compact_bytes", ",.0f"), _fmt(c, "dense_bytes", ",.0f")]) + " |")
-    return "\n".join(lines)
+                _fmt(c, "compact_bytes", ",.0f"), _fmt(c, "dense_bytes", ",.0f")])
+    return _md(head, body) if body else ""
 
 
 def _physical_table(rows: list[dict]) -> str:
-    """FLOPs and the physical compaction (gnp.compact) of each served model."""
+    """FLOPs and the physical compaction (gnp.compact) of each served model; "" where no
+    cell has them."""
     chunks, methods = _order(rows)
     agg = aggregate(rows)
     head = ["data", "method", "err %", "active params", "MACs/sample (active)",
             "compact model params", "compact MACs/sample", "compact file (bytes)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for k in chunks:
         for m in methods:
             c = agg.get((k, m))
             if not c or "physical_params" not in c:
                 continue
-            lines.append("| " + " | ".join([
+            body.append([
                 f"{c['data_fraction']:.0%}", m, _fmt(c, "test_error_pct", ".2f"),
                 _fmt(c, "active_params", ",.0f"), _fmt(c, "macs", ",.0f"),
                 _fmt(c, "physical_params", ",.0f"), _fmt(c, "physical_macs", ",.0f"),
-                _fmt(c, "physical_bytes", ",.0f")]) + " |")
-    return "\n".join(lines)
+                _fmt(c, "physical_bytes", ",.0f")])
+    return _md(head, body) if body else ""
 
 
 def _plot(rows: list[dict], path: Path, metric: str = "error") -> None:
@@ -318,12 +326,12 @@ def write_report(out: Path, rows: list[Any] | None = None, note: str = "") -> No
            _diagnostics_table(rows), ""]
     # A section only where it has a row: a cell's fields are those of its first seed's row,
     # so a field that only rows merged from a later run hold (a rerun's) fills no cell.
-    if (table := _compact_table(rows)).count("\n") > 1:
+    if table := _compact_table(rows):
         md += ["## Non-recoverable export", "", "Pruned on from the served model past the "
                "recoverable conditions, within 0.5 pp of its validation accuracy (plus the paired "
                "noise allowance); stored compactly (packed mask bits + active values, "
                "`gnp.export`).", "", table, ""]
-    if (table := _physical_table(rows)).count("\n") > 1:
+    if table := _physical_table(rows):
         md += ["## FLOPs and physical size", "", "Multiply-accumulates per sample over the "
                "served model's active weights (what sparse hardware would pay), and the plain "
                "dense model `gnp.compact` slices out of it (inactive units removed; what ordinary "
