@@ -200,11 +200,22 @@ def main(argv: list[str] | None = None) -> int:
            "platform": platform.platform(), "device": str(device),
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
            "test_samples": len(ds.test), "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    args.out.with_suffix(".md").write_text(_markdown(doc))
-    print(f"wrote {args.out}.json, {args.out}.md")
+    write_doc(args.out, doc, _markdown(doc))
     return 0
+
+
+def write_doc(out: Path, doc: dict, markdown: str) -> None:
+    """OUT.json (the measurements) and OUT.md (their tables)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    out.with_suffix(".md").write_text(markdown)
+    print(f"wrote {out}.json, {out}.md")
+
+
+def machine_line(doc: dict) -> str:
+    return (f"Date: {doc['date']}; {doc['cpus']} CPUs, shared with other work; load average "
+            f"(1, 5, 15 min) before {tuple(round(v, 2) for v in doc['load_average_before'])}, "
+            f"after {tuple(round(v, 2) for v in doc['load_average_after'])}; torch {doc['torch']}.\n")
 
 
 def _markdown(doc: dict) -> str:
@@ -213,9 +224,7 @@ def _markdown(doc: dict) -> str:
     dense = rows[0]["latency_us"]
     where = f"GPU: {doc['gpu']}" if doc.get("gpu") else "CPU"
     lines = [f"# Inference latency ({where})\n", f"Command: `{doc['command']}`  ",
-             f"Date: {doc['date']}; {doc['cpus']} CPUs, shared with other work; load average "
-             f"(1, 5, 15 min) before {tuple(round(v, 2) for v in doc['load_average_before'])}, "
-             f"after {tuple(round(v, 2) for v in doc['load_average_after'])}; torch {doc['torch']}.\n",
+             machine_line(doc),
              "## Models\n",
              (f"Test error on {doc['test_samples']:,} test samples. " if doc.get("test_samples") else "") +
              "`params`: the tensors the module holds (masked models: full width, zeros "

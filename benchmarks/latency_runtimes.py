@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference_latency import _time  # noqa: E402
+from inference_latency import _time, machine_line, write_doc  # noqa: E402
 
 from gnp.compact import compact_model, count_macs  # noqa: E402
 from gnp.masks import Masks  # noqa: E402
@@ -155,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
            "load_average_after": os.getloadavg(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "platform": platform.platform(), "source": str(args.source), "runtimes": runtimes,
            "compile_seconds": compile_s, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    args.out.with_suffix(".md").write_text(_markdown(doc))
-    print(f"wrote {args.out}.json, {args.out}.md")
+    write_doc(args.out, doc, _markdown(doc))
     return 0
 
 
@@ -168,9 +165,7 @@ def _markdown(doc: dict) -> str:
                       key=lambda s: list(rows[0]["latency_us"]).index(f"{s}/{runtimes[0]}"))
     dense = rows[0]
     lines = ["# Inference latency by runtime (CPU)\n", f"Command: `{doc['command']}`  ",
-             f"Date: {doc['date']}; {doc['cpus']} CPUs, shared with other work; load average "
-             f"(1, 5, 15 min) before {tuple(round(v, 2) for v in doc['load_average_before'])}, "
-             f"after {tuple(round(v, 2) for v in doc['load_average_after'])}; torch {doc['torch']}.\n",
+             machine_line(doc),
              f"Models of the widths measured in `{doc['source']}` (random weights: the timing "
              "depends on the shapes only; the test error is that source's, of the trained model "
              f"of these widths). The first row is the baseline. Runtimes: {', '.join(runtimes)}.\n",
