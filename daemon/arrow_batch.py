@@ -187,7 +187,9 @@ def _features(col: pa.Array, n: int, size: int, reject) -> np.ndarray:
     if t.list_size != size:
         raise _Whole("bad_shape", f"features have {t.list_size} values per row, the model "
                                   f"expects {size}")
-    values = col.flatten()  # respects slicing; null rows contribute their slots
+    # Every row's slots, null rows' included (flatten() drops a null row's slots, which
+    # would shift every later row); the slice respects an offset into the values.
+    values = col.values.slice(col.offset * size, n * size)
     if col.null_count:  # a null row has no features
         reject(col.is_null().to_numpy(zero_copy_only=False), "missing_field",
                lambda i: "features are null")

@@ -98,6 +98,22 @@ def test_null_label_and_non_finite_timestamp_reject_their_rows() -> None:
     assert [(r.row, r.reason) for r in rejected] == [(1, "missing_field"), (2, "non_finite")]
 
 
+def test_a_null_features_row_rejects_that_row_alone_and_later_rows_keep_their_features() -> None:
+    # flatten() drops a null row's slots: read that way, later rows took the wrong features
+    # and the reshape failed, so the whole message was dead-lettered.
+    feats = pa.array([[1, 2, 3, 4], None, [5, 6, 7, 8], [9, 10, 11, 12]], pa.list_(pa.float32(), 4))
+    table = pa.table({"features": feats, "label": pa.array([0, 1, 2, 0], pa.int64())})
+    for t in (table, table.slice(1)):  # and a column read at an offset
+        sink = pa.BufferOutputStream()
+        with ipc.new_stream(sink, t.schema) as w:
+            w.write_table(t)
+        good, rejected = parse(sink.getvalue().to_pybytes())
+        null_row = 1 if t is table else 0
+        assert [(r.row, r.reason) for r in rejected] == [(null_row, "missing_field")]
+        assert good.labels.tolist() == ([0, 2, 0] if t is table else [2, 0])
+        assert good.features[-2:].tolist() == [[5, 6, 7, 8], [9, 10, 11, 12]]
+
+
 def test_content_type_header() -> None:
     assert is_arrow(HEADERS) and is_arrow([("Content-Type", ARROW_CONTENT_TYPE.upper().encode())])
     assert not is_arrow([]) and not is_arrow(None)
