@@ -333,17 +333,26 @@ class ChunkStore:
         return reset
 
     def rebase(self, partition: int, offset: int) -> None:
-        """Move a partition's position to ``offset`` (for a topic that was recreated).
+        """Move a partition's position to ``offset`` (past a retention gap, or back to where
+        the broker truncated its log).
 
-        Buffered samples stay; the durable offsets follow at the next seal.
+        Buffered samples stay. A position moved back below the durable offsets is saved at
+        once: a restart before the next seal would otherwise resume from the old, higher
+        offset and skip the broker's new records, and a truncation, unlike a retention
+        gap, is not detected again after a restart. A position moved forward is saved with
+        the next seal (a restart meets the same gap again).
         """
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
         self.sync()
         with self._lock:
             self._consumed[partition] = offset
-            if self._next.get(partition, 0) > offset:
+            lowered = self._next.get(partition, 0) > offset
+            if lowered:
                 self._next[partition] = offset  # also after a discard_buffer()
+                chunks, next_offsets = list(self._chunks), dict(self._next)
+        if lowered:
+            self._write_manifest(chunks, next_offsets)
 
     def _reset_buffer(self) -> None:
         with self._lock:
