@@ -239,7 +239,9 @@ class StoreLock:
 
     The lock keeps other *processes* out. Within one process the lock is shared and
     counted (a tool or test may open a second view of a store it already has open);
-    the flock is dropped when the last holder releases it.
+    the flock is dropped when the last holder releases it. ``first`` tells the holder
+    that took the flock from a later view, which must not clean up after a crash: the
+    files it would take for a crash's leftovers may be the first holder's writes.
 
     Raises:
         StoreLockedError: another process holds the store.
@@ -254,6 +256,7 @@ class StoreLock:
         key = str(self.path.resolve())
         with StoreLock._guard:
             held = StoreLock._held.get(key)
+            self.first = held is None
             if held is None:
                 StoreLock._held[key] = [self._acquire(store), 1]
             else:

@@ -146,7 +146,9 @@ class ChunkStore:
         StoreError: the manifest is missing (while chunk files exist) or unreadable, or
             holds another input shape or kind of chunks; the message names the path and
             the way out.
-        StoreLockedError: another process (or another open ChunkStore) uses the store.
+        StoreLockedError: another process uses the store. A second ChunkStore on the
+            same path in this process shares the lock (:class:`~daemon.manifest.StoreLock`)
+            and leaves stray files alone: they may be the first one's writes in flight.
     """
 
     def __init__(self, path: str | Path, chunk_size: int, input_shape: Sequence[int],
@@ -555,7 +557,8 @@ class ChunkStore:
                 self._store_id = new_store_id()
                 log.info("store %s had no identity; it is now %s", self.path, self._store_id)
                 self._write_manifest(self._chunks, self._next)
-        sweep_strays(self.path, self._chunks, self._next)
+        if self._lock_file is not None and self._lock_file.first:  # not a second view's
+            sweep_strays(self.path, self._chunks, self._next)
 
     def _write_manifest(self, chunks: list[ChunkInfo], next_offsets: dict[int, int]) -> None:
         write_manifest(self.path, Manifest(

@@ -242,3 +242,28 @@ def test_sigkill_between_chunk_file_and_manifest_loses_and_duplicates_nothing(
 def test_write_behind_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="write_behind"):
         ChunkStore(tmp_path, 4, SHAPE, 0.25, write_behind=-1)
+
+
+def test_a_second_view_in_the_process_leaves_a_chunk_in_flight_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second ChunkStore on the path shares the in-process lock; its startup sweep took the
+    first one's chunk file, renamed into place but not yet in the manifest, for a crash's
+    leftover and deleted it: the first then listed a missing file and its samples were lost."""
+    renamed, go, real = threading.Event(), threading.Event(), store_module.write_manifest
+
+    def held(path: Path, manifest) -> None:
+        if manifest.chunks:  # the chunk file is in place, its manifest write waits
+            renamed.set()
+            assert go.wait(30)
+        real(path, manifest)
+
+    monkeypatch.setattr(store_module, "write_manifest", held)
+    first = ChunkStore(tmp_path, 4, (4,), 0.25, write_behind=1)
+    first.append(samples(0, 4))
+    assert renamed.wait(30)
+    ChunkStore(tmp_path, 4, (4,), 0.25).close()  # a view: sees the file, not in the manifest
+    go.set()
+    first.close()
+    again = ChunkStore(tmp_path, 4, (4,), 0.25)
+    assert [c.rows for c in again.chunks()] == [4] and again.read_table().num_rows == 4
+    again.close()
