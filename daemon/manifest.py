@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 __all__ = [
-    "CHUNK_DIR", "CHUNK_SCHEMA_VERSION", "MANIFEST", "REBUILD_HINT", "ChunkInfo", "Manifest",
+    "CHUNK_DIR", "CHUNK_SCHEMA_VERSION", "MANIFEST", "REBUILD_HINT", "TOPIC_META", "ChunkInfo",
+    "Manifest",
     "StoreError", "StoreLock", "StoreLockedError", "chunk_id_of", "file_crc32c",
     "new_store_id", "read_manifest", "sweep_strays", "verify_chunk", "write_atomic",
     "write_manifest",
@@ -39,6 +40,7 @@ CHUNK_SCHEMA_VERSION = 2  # 2: the `row` column (index of a row in an Arrow batc
 MANIFEST = "manifest.json"
 CHUNK_DIR = "chunks"
 LOCK = "lock"
+TOPIC_META = b"gnpd.topic_id"  # chunk schema metadata: the topic incarnation of its offsets
 TMP_SUFFIX = ".tmp"
 _CHUNK_NAME = re.compile(r"^chunk-(\d{6,})\.arrow$")
 ORPHANS = "orphans"

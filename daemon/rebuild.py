@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from daemon.manifest import (
-    CHUNK_DIR, MANIFEST, ChunkInfo, Manifest, StoreError, StoreLock, chunk_id_of, file_crc32c,
-    new_store_id, write_manifest,
+    CHUNK_DIR, MANIFEST, TOPIC_META, ChunkInfo, Manifest, StoreError, StoreLock, chunk_id_of,
+    file_crc32c, new_store_id, write_manifest,
 )
 
 __all__ = ["Rebuilt", "rebuild_manifest"]
@@ -42,9 +42,13 @@ def rebuild_manifest(store: Path, input_shape: tuple[int, ...], chunk_size: int,
                      kind: str = "image") -> Rebuilt:
     """Write a new manifest listing every readable chunk file of ``store``.
 
-    ``next_offsets[p]`` becomes the largest offset of partition ``p`` in the chunks plus
-    one (messages rejected after the last stored one are read again and dead-lettered
-    again). The store id is ``store_id`` when given, else the one salvaged from the old
+    ``next_offsets[p]`` becomes the last offset of partition ``p`` in the newest chunk that
+    holds it, plus one (messages rejected after the last stored one are read again and
+    dead-lettered again); newest, not largest, because offsets go back where the broker
+    truncated its log. The topic id is the old manifest's, else the newest chunk's (each
+    chunk records the topic incarnation its offsets count in); chunks of another
+    incarnation (the topic was recreated, its offsets started again at 0) stay listed but
+    set no offsets. The store id is ``store_id`` when given, else the one salvaged from the old
     manifest's text, else ``adopt_store_id(chunks)`` (the CLI offers the newest
     checkpoint's when every chunk it learnt is among ``chunks``), else new. The old
     manifest is moved aside, never deleted; no chunk file is touched. ``kind`` "speech":
@@ -58,11 +62,13 @@ def rebuild_manifest(store: Path, input_shape: tuple[int, ...], chunk_size: int,
     try:
         old_text = _read_text(store / MANIFEST)
         salvaged = _salvage(old_text)
-        chunks, skipped = _scan_chunks(store, math.prod(input_shape), kind)
+        chunks, topics, skipped = _scan_chunks(store, math.prod(input_shape), kind)
+        topic = salvaged.get("topic_id") or next((t for t in reversed(topics) if t), None)
         next_offsets: dict[int, int] = {}
-        for c in chunks:
-            for p, (_, last) in c.offsets.items():
-                next_offsets[p] = max(next_offsets.get(p, 0), last + 1)
+        for c, t in zip(chunks, topics):  # in chunk order: the newest holding p says
+            if t is None or t == topic:  # (a chunk written before chunks named their topic)
+                for p, (_, last) in c.offsets.items():
+                    next_offsets[p] = last + 1
         sources = (("argument", store_id), ("old manifest", salvaged.get("store_id")))
         source, sid = next(((n, v) for n, v in sources if v), ("", None))
         if sid is None and adopt_store_id is not None:
@@ -70,7 +76,7 @@ def rebuild_manifest(store: Path, input_shape: tuple[int, ...], chunk_size: int,
         if not sid:
             source, sid = "new", new_store_id()
         manifest = Manifest(sid, tuple(input_shape), chunk_size, val_fraction,
-                            salvaged.get("topic_id"), next_offsets, tuple(chunks), kind=kind)
+                            topic, next_offsets, tuple(chunks), kind=kind)
         moved = None
         if old_text is not None:
             moved = store / f"{MANIFEST}.broken-{int(time.time())}"
@@ -99,22 +105,28 @@ def _salvage(text: str | None) -> dict[str, str]:
 
 
 def _scan_chunks(store: Path, input_size: int, kind: str = "image"
-                 ) -> tuple[list[ChunkInfo], list[tuple[str, str]]]:
-    chunks, skipped = [], []
+                 ) -> tuple[list[ChunkInfo], list[str | None], list[tuple[str, str]]]:
+    """The readable chunks in id order, the topic id each records, and the files left out."""
+    chunks, topics, skipped = [], [], []
     for path in sorted((store / CHUNK_DIR).glob("chunk-*.arrow"), key=lambda p: p.name):
         number = chunk_id_of(path)
         if number is None:
             skipped.append((path.name, "not a chunk file name"))
             continue
         try:
-            chunks.append(_describe(path, number, input_size, kind))
+            chunk, topic = _describe(path, number, input_size, kind)
         except (OSError, pa.ArrowException, KeyError, ValueError) as e:
             skipped.append((path.name, f"unreadable: {type(e).__name__}: {e}"))
-    return chunks, skipped
+            continue
+        chunks.append(chunk)
+        topics.append(topic)
+    return chunks, topics, skipped
 
 
-def _describe(path: Path, number: int, input_size: int, kind: str = "image") -> ChunkInfo:
-    """A ChunkInfo for a chunk file, from its partition and offset columns."""
+def _describe(path: Path, number: int, input_size: int, kind: str = "image"
+              ) -> tuple[ChunkInfo, str | None]:
+    """A ChunkInfo for a chunk file, from its partition and offset columns, and the topic id
+    its metadata records (None: written before chunks recorded it, or the topic unknown)."""
     with pa.memory_map(str(path), "r") as src:
         table = ipc.open_file(src).read_all()
         if ("audio" in table.schema.names) != (kind == "speech"):  # never skip it: the
@@ -125,10 +137,12 @@ def _describe(path: Path, number: int, input_size: int, kind: str = "image") -> 
         width = input_size if kind == "speech" else table.schema.field("features").type.list_size
         if width != input_size:
             raise ValueError(f"{width} features per sample, the settings say {input_size}")
+        topic = (table.schema.metadata or {}).get(TOPIC_META)
         parts = table.column("partition").to_pylist()
         offs = table.column("offset").to_pylist()
     ranges: dict[int, tuple[int, int]] = {}
     for p, o in zip(parts, offs, strict=True):
         a, b = ranges.get(p, (o, o))
         ranges[p] = (min(a, o), max(b, o))
-    return ChunkInfo(number, path, len(offs), ranges, path.stat().st_mtime, file_crc32c(path))
+    return (ChunkInfo(number, path, len(offs), ranges, path.stat().st_mtime, file_crc32c(path)),
+            topic.decode() if topic else None)

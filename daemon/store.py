@@ -58,8 +58,8 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from daemon.manifest import (
-    CHUNK_DIR as _CHUNK_DIR, CHUNK_SCHEMA_VERSION, ChunkInfo, Manifest, StoreError, StoreLock,
-    StoreLockedError, new_store_id, read_manifest, sweep_strays, verify_chunk,
+    CHUNK_DIR as _CHUNK_DIR, CHUNK_SCHEMA_VERSION, TOPIC_META, ChunkInfo, Manifest, StoreError,
+    StoreLock, StoreLockedError, new_store_id, read_manifest, sweep_strays, verify_chunk,
     write_atomic as _write_atomic, write_manifest,
 )
 from daemon.arrow_batch import RowBatch
@@ -378,6 +378,9 @@ class ChunkStore:
                 self._inflight[0].result()  # a failed write stays queued until a discard
                 self._inflight.popleft()
             table = self._encode(samples)
+            if self._topic_id:  # which incarnation its offsets count in (for a rebuild)
+                table = table.replace_schema_metadata(
+                    {**(table.schema.metadata or {}), TOPIC_META: self._topic_id.encode()})
             data = _ipc_bytes(table)
             info = ChunkInfo(chunk_id, final, table.num_rows, _offset_ranges(table), time.time(),
                              crc32c.crc32c(data))

@@ -92,6 +92,37 @@ def test_rebuild_manifest_command_round_trip(tmp_path):
     assert c4.id == 4
 
 
+def test_rebuild_resumes_in_the_topic_incarnation_and_after_a_truncation(tmp_path):
+    """Offsets count in one topic incarnation and go back where the broker truncated its
+    log: the largest stored offset skipped the new topic's records (or the ones written
+    after a truncation), so the rebuild takes the newest chunk of the recorded topic."""
+    from daemon.rebuild import rebuild_manifest
+
+    store = ChunkStore(tmp_path, 4, SHAPE, 0.25)
+    store.bind_topic("old-id")
+    store.append([sample(o % 2, 100 + o // 2) for o in range(8)])  # offsets 100..103 on 0 and 1
+    assert store.bind_topic("new-id")  # recreated: offsets restart at 0
+    store.append([sample(0, o) for o in range(8)])  # 0..7 on partition 0
+    store.rebase(0, 5)  # the broker truncated partition 0 at 5
+    store.append([sample(0, o) for o in range(5, 9)])  # 5..8 on partition 0
+    want = store.next_offsets()
+    assert want == {0: 9}
+    store.close()
+    text = (tmp_path / "manifest.json").read_text()
+    for damage in (text[: text.index('"topic_id"') + 30], None):  # cut after the topic id; gone
+        if damage is None:
+            (tmp_path / "manifest.json").unlink()
+        else:
+            (tmp_path / "manifest.json").write_text(damage)
+        done = rebuild_manifest(tmp_path, SHAPE, 4, 0.25)
+        # the newest chunk's topic when the manifest is gone; partition 1 was only in the old one
+        assert done.manifest.topic_id == "new-id" and done.manifest.next_offsets == want
+        assert [c.rows for c in done.manifest.chunks] == [4, 4, 4, 4, 4]  # every chunk listed
+        again = ChunkStore(tmp_path, 4, SHAPE, 0.25)
+        assert not again.bind_topic("new-id") and again.next_offsets() == want
+        again.close()
+
+
 def test_rebuild_leaves_unreadable_chunks_in_place_and_unlisted(tmp_path):
     filled(tmp_path).close()
     bad = tmp_path / "chunks" / "chunk-000002.arrow"
