@@ -13,7 +13,7 @@ import pytest
 
 from daemon.manifest import read_manifest
 from daemon.messages import Sample
-from daemon.store import ChunkStore, StoreError, StoreLockedError
+from daemon.store import ChunkStore, StoreError
 
 SHAPE = (1, 2, 2)
 REPO = Path(__file__).resolve().parents[2]
