@@ -252,7 +252,7 @@ def _timestamps(table: pa.Table, reject) -> pa.Array | None:
         raise _Whole("bad_type", f"timestamp must be a number column (Unix seconds), "
                                  f"got {col.type}")
     if col.type != pa.float64():
-        col = col.cast(pa.float64())
+        col = col.cast(pa.float64(), safe=False)  # Unix seconds: beyond 2**53 rounding is moot
     values = (col.fill_null(0.0) if col.null_count else col).to_numpy(zero_copy_only=False)
     bad = ~np.isfinite(values)
     if bad.any():

@@ -114,6 +114,18 @@ def test_a_null_features_row_rejects_that_row_alone_and_later_rows_keep_their_fe
         assert good.features[-2:].tolist() == [[5, 6, 7, 8], [9, 10, 11, 12]]
 
 
+def test_an_integer_timestamp_beyond_float_precision_is_stored_not_the_whole_message_rejected() -> None:
+    feats = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(8, np.float32)), 4)
+    table = pa.table({"features": feats, "label": pa.array([0, 1], pa.int64()),
+                      "timestamp": pa.array([1_700_000_000, 2**60 + 1], pa.int64())})
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    good, rejected = parse(sink.getvalue().to_pybytes())  # a safe cast refused the column
+    assert rejected == [] and good.rows.tolist() == [0, 1]
+    assert good.timestamps.to_pylist() == [1_700_000_000.0, float(2**60)]
+
+
 def test_content_type_header() -> None:
     assert is_arrow(HEADERS) and is_arrow([("Content-Type", ARROW_CONTENT_TYPE.upper().encode())])
     assert not is_arrow([]) and not is_arrow(None)
