@@ -46,6 +46,7 @@ import asyncio
 import gc
 import io
 import itertools
+import math
 import logging
 import socket
 import threading
@@ -161,13 +162,25 @@ def _parse(body: bytes | bytearray, input_shape: tuple[int, ...], limit: int,
 
 
 def _from_npy(body: bytes | bytearray) -> np.ndarray:
-    try:  # allow_pickle=False: an object array is refused, never unpickled
-        arr = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    """The array of a .npy body, read from its header: a number dtype (never an object array,
+    never unpickled) whose shape accounts for exactly the bytes sent. np.load would open a
+    zip (.npz) body, or allocate whatever shape a short body's header claims."""
+    f = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0}.get(version,
+                                                                  np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(f)
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError) as e:
         raise _BadRequest(f"body is not a valid .npy array: {e}") from None
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iuf":
-        raise _BadRequest(f"the .npy array must hold numbers, got dtype {arr.dtype}")
-    return arr
+    if dtype.kind not in "iuf":
+        raise _BadRequest(f"the .npy array must hold numbers, got dtype {dtype}")
+    count, data = math.prod(shape), len(body) - f.tell()
+    if count * dtype.itemsize != data:
+        raise _BadRequest(f"the .npy header says shape {list(shape)} of {dtype} "
+                          f"({count * dtype.itemsize} bytes), the body holds {data}")
+    arr = np.frombuffer(body, dtype, count, offset=f.tell())  # a read-only view of the body
+    return arr.reshape(shape, order="F" if fortran else "C").copy()  # writable, as np.load's
 
 
 def _from_arrow(body: bytes | bytearray) -> np.ndarray:

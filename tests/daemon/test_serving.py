@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import os
 import re
 import socket
@@ -154,6 +155,41 @@ def test_bad_predict_requests_answer_400_with_a_clear_message(server, case):
     assert message in r.json()["detail"]
     assert _metric(metrics, "gnp_predict_requests_total", {"status": "error"}) == 1
     assert _metric(metrics, "gnp_predict_requests_total", {"status": "ok"}) == 0
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def _npz() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, x=np.zeros((1, 64), np.float32))
+    return buf.getvalue()
+
+
+_BAD_NPY = {  # each was a 500: np.load opened the zip, or allocated what the header claimed
+    "an .npz archive": (_npz(), "not a valid .npy"),
+    "zip-like bytes": (b"PK\x03\x04" + b"garbage" * 10, "not a valid .npy"),
+    "a header claiming a huge shape": (
+        _npy(np.zeros((2, 64), np.float32)).replace(b"(2, 64)", b"(2000000000, 64)"), "bytes"),
+    "a cut body": (_npy(np.zeros((2, 64), np.float32))[:-8], "the body holds"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_NPY))
+def test_bad_npy_bodies_answer_400(server, case):
+    _, served, _, _, client = server
+    served.publish(gnp.build_model("lenet-300-100", SHAPE, 10), _version(1))
+    body, message = _BAD_NPY[case]
+    r = client.post("/v1/predict", content=body, headers={"content-type": "application/x-npy"})
+    assert r.status_code == 400 and message in r.json()["detail"], (r.status_code, r.text)
+    x = np.asfortranarray(np.random.default_rng(0).random((3, 64), np.float32))
+    want = client.post("/v1/predict", content=_npy(np.ascontiguousarray(x)),
+                       headers={"content-type": "application/x-npy"})
+    got = client.post("/v1/predict", content=_npy(x), headers={"content-type": "application/x-npy"})
+    assert got.status_code == want.status_code == 200 and got.json() == want.json()  # Fortran order
 
 
 class _ConstantModel(nn.Module):
