@@ -96,9 +96,16 @@ class UpdateLedger:
             # Losing the counts only grants a poisoned chunk more tries: warn and go on.
             log.error("cannot read %s (%s): starting with no failure counts", self.path, e)
             return
-        self._failures = {str(k): int(v) for k, v in dict(doc.get("failures", {})).items()}
-        self._quarantined = {str(i) for i in doc.get("quarantined", ())}
-        self._corrupt = {str(k): str(v) for k, v in dict(doc.get("corrupt", {})).items()}
+        try:  # a hand edit (operations.md asks for one) may leave valid JSON of another shape
+            failures = {str(k): int(v) for k, v in dict(doc.get("failures") or {}).items()}
+            quarantined = {str(i) for i in doc.get("quarantined") or ()}
+            corrupt = {str(k): str(v) for k, v in dict(doc.get("corrupt") or {}).items()}
+        except (AttributeError, TypeError, ValueError) as e:
+            log.error("cannot read %s (%s: %s; expected {\"failures\": {id: count}, "
+                      "\"quarantined\": [id, ...], \"corrupt\": {id: reason}}): starting with no "
+                      "failure counts", self.path, type(e).__name__, e)
+            return
+        self._failures, self._quarantined, self._corrupt = failures, quarantined, corrupt
 
     def _save(self) -> None:
         doc = {"failures": dict(sorted(self._failures.items())),
