@@ -71,7 +71,7 @@ class Daemon:
         self.policy = policy or UpdatePolicy.from_settings(settings)
         self.on_update = on_update
         m = settings.model
-        self.served = ServedModel(m.input_shape, settings.serve.model)
+        self.served = ServedModel(m.input_shape, settings.serve.model, m.name)
         self.registry = ModelRegistry(m.path, m.name, m.input_shape, m.num_classes)
         self.store: ChunkStore | None = None
         self.control: ModelControl | None = None

@@ -394,11 +394,13 @@ class ServedModel:
     updater trains a deep copy). Concurrent :meth:`predict` calls are safe.
     """
 
-    def __init__(self, input_shape: Sequence[int], variant: str = "recoverable") -> None:
+    def __init__(self, input_shape: Sequence[int], variant: str = "recoverable",
+                 model_name: str | None = None) -> None:
         if variant not in ("recoverable", "compact"):
             raise ValueError(f"variant must be 'recoverable' or 'compact', got {variant!r}")
         self.input_shape = tuple(int(s) for s in input_shape)
         self.variant = variant
+        self.model_name = model_name  # the configured model: what requests expect before a publish
         self._current: _Published | None = None
 
     def publish(self, model: nn.Module, version: ModelVersion) -> None:
@@ -440,11 +442,11 @@ class ServedModel:
 
     @property
     def speech(self) -> bool:
-        """True when the served model transcribes audio (a speech model) instead of
-        classifying fixed-size inputs."""
+        """True when the served model (before the first one, the configured model)
+        transcribes audio (a speech model) instead of classifying fixed-size inputs."""
         from gnp.models import SPEECH_MODELS
-        cur = self._current
-        return cur is not None and cur.version.model_name in SPEECH_MODELS
+        cur = self._current  # before the first publish: the configured model's kind
+        return (cur.version.model_name if cur is not None else self.model_name) in SPEECH_MODELS
 
     def transcribe(self, audios: Sequence[np.ndarray], sample_rate: int) -> Transcription:
         """Greedy transcripts (+ confidence 0..1) of mono float audios, from one version.

@@ -113,3 +113,17 @@ def test_speech_predict_runs_off_the_event_loop_under_the_body_limit_and_is_coun
     get = metrics.registry.get_sample_value
     assert get("gnp_predict_requests_total", {"status": "ok"}) == 1
     assert get("gnp_predict_requests_total", {"status": "error"}) == 1
+
+
+def test_a_speech_request_before_the_first_model_is_a_503_not_a_classifier_400():
+    # Before a publish the served model's kind was unknown, so a speech body took the
+    # classifier path: 400 "instances must be lists of numbers". The configured model says.
+    served = ServedModel((20,), model_name="deepspeech2-hlstm")
+    srv = HttpServer(create_app(served, Metrics()), "127.0.0.1", 0)
+    srv.start()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=10) as c:
+            r = c.post("/v1/predict", json={"sample_rate": 8000, "instances": [{"audio": [0.0] * 800}]})
+    finally:
+        srv.stop()
+    assert r.status_code == 503 and "no model" in r.json()["detail"], (r.status_code, r.text)
