@@ -181,6 +181,17 @@ class StoreSettings(_Section):
                     "thread: the faster on the 2-core benchmark machine; more may help where "
                     "fsync is slow); offsets are committed once a chunk is durable")
 
+    @model_validator(mode="after")
+    def _check_validation_rows(self) -> StoreSettings:
+        if round(self.val_fraction * self.chunk_size) < 1:  # as daemon.store.val_mask counts
+            raise ValueError(
+                f"GNPD_STORE__CHUNK_SIZE={self.chunk_size} with GNPD_STORE__VAL_FRACTION="
+                f"{self.val_fraction} holds out no sample of a chunk for validation "
+                f"(round({self.val_fraction} x {self.chunk_size}) = 0), and an update needs "
+                f"some: raise either, e.g. GNPD_STORE__CHUNK_SIZE="
+                f"{math.ceil(0.5 / self.val_fraction) + 1}")
+        return self
+
 
 class ModelSettings(_Section):
     """What the model sees: architecture name, input shape, classes, checkpoints."""

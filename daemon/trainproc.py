@@ -202,8 +202,13 @@ def _limit_memory(extra_bytes: int) -> None:
 
 
 def _is_infra(e: BaseException) -> bool:
-    """Out of memory (host or device), storage and OS errors: not the data's fault."""
+    """Out of memory (host or device), storage and OS errors, a checkpoint that does not
+    load: not the data's fault."""
     if isinstance(e, (MemoryError, OSError)):
+        return True
+    from daemon.registry import CheckpointError
+
+    if isinstance(e, CheckpointError):  # a damaged checkpoint on disk, not the new chunks
         return True
     import torch
 
@@ -269,6 +274,9 @@ def _load_data(job: Job) -> tuple[dict[str, Any], Any]:
         views = [ChunkView(c.path, job.input_shape) for c in new_chunks + old_chunks]
         sets = {"val": chunked(views, "val"), "all": chunked(views, "train"),
                 "new": chunked(views[:len(new_chunks)], "train")}
+    if sets["val"] is None:
+        report["why"] = ("no validation rows in the stored chunks yet (a chunk holds out "
+                         "round(chunk_size x val_fraction) of them): waiting for more data")
     if sets["new"] is None or sets["val"] is None:
         return report, None
     placed = place_all(sets, resolve_device(job.device), job.replay_memory_bytes)
@@ -286,7 +294,7 @@ def _load_data(job: Job) -> tuple[dict[str, Any], Any]:
 
 def _train(job: Job, data: Any, stop: _Stop) -> tuple[dict[str, Any], Any]:
     """Run the update and evaluate the references; returns (result fields, model)."""
-    from daemon.registry import ModelRegistry
+    from daemon.registry import CheckpointError, ModelRegistry
 
     new, replay, val = data
     registry = ModelRegistry(job.registry, job.model_name, job.input_shape, job.num_classes)
@@ -303,8 +311,12 @@ def _train(job: Job, data: Any, stop: _Stop) -> tuple[dict[str, Any], Any]:
     evaluate = _resolve(job.evaluate_fn)
     refs = {}
     for number in job.reference_versions:
-        model = base if number == job.base_version and base is not None else \
-            registry.load(number)[0]
+        try:
+            model = base if number == job.base_version and base is not None else \
+                registry.load(number)[0]
+        except CheckpointError as e:  # a damaged old version: gate against the others
+            log.warning("reference version %d left out of the gate: %s", number, e)
+            continue
         refs[str(number)] = float(evaluate(model, val, **task))
     del base
     cost = res.cost
@@ -380,7 +392,8 @@ def _run(job: Job, stop: _Stop) -> dict[str, Any]:
         report, data = _load_data(job)
         result.update(report)
         if data is None:
-            return {**result, "outcome": "no_data", "reason": "no usable new chunk"}
+            why = result.pop("why", "no usable new chunk")
+            return {**result, "outcome": "no_data", "reason": why}
         during = "training"
         fields, model = _train(job, data, stop)
         result.update(fields)

@@ -218,9 +218,12 @@ class UpdateWorker:
             except Exception:  # noqa: BLE001 - the worker must outlive a bad store read
                 log.exception("update worker error; waiting for the next sealed chunk")
                 continue
-            if result is not None and result.outcome in ("success", "no_data") \
-                    and self.pending():
-                self._wake.set()  # chunks left over the memory budget: go on at once
+            # Chunks sealed while the update ran, or pending ones that corrupt chunks held up:
+            # go on at once. Not after a no_data that excluded nothing (no validation rows
+            # yet): the same chunks would answer the same; the next seal wakes the loop.
+            if result is not None and self.pending() and (
+                    result.outcome == "success" or (result.outcome == "no_data" and result.corrupt)):
+                self._wake.set()
 
     # -- state -----------------------------------------------------------------
 
@@ -270,8 +273,8 @@ class UpdateWorker:
         log.info("update starting: %d new chunk(s) %s, %d stored", len(pending), list(ids),
                  len(pending) + len(older))
         out = self._work / f"update-{time.time_ns()}"
-        out.mkdir(parents=True)
         try:
+            out.mkdir(parents=True)  # a full disk or an unusable models folder: infra_error
             with self.control.lock:
                 job, generation = self._job(pending, older, out), self.control.generation
             (out / "job.json").write_text(job.to_json())
@@ -394,7 +397,8 @@ class UpdateWorker:
     def prune(self) -> None:
         """Keep the newest ``keep_versions`` checkpoints, and the served, head, pinned ones."""
         try:
-            self.registry.prune(self.policy.keep_versions, self.control.protected())
+            with self.control.lock:  # a pin between reading the protected set and deleting
+                self.registry.prune(self.policy.keep_versions, self.control.protected())
         except OSError as e:  # never fail an update for a cleanup
             log.warning("could not delete old versions: %s", e)
 

@@ -61,8 +61,8 @@ def test_data_dir_holds_store_and_models_unless_overridden(
     monkeypatch.setenv("GNPD_MODEL__PATH", "/elsewhere/models")
     s = Settings()
     assert (s.store.path, s.model.path) == (Path("/srv/gnpd/store"), Path("/elsewhere/models"))
-    s = Settings(data_dir="/d", store={"chunk_size": 3})
-    assert s.store.path == Path("/d/store") and s.store.chunk_size == 3
+    s = Settings(data_dir="/d", store={"chunk_size": 30})
+    assert s.store.path == Path("/d/store") and s.store.chunk_size == 30
 
 
 def test_short_shape_syntax_and_explicit_dlq(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,14 +75,14 @@ def test_short_shape_syntax_and_explicit_dlq(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_dotenv_file(tmp_path: Path) -> None:
     env = tmp_path / "gnpd.env"
-    env.write_text("GNPD_STORE__CHUNK_SIZE=7\nUNRELATED=1\n")
-    assert load_settings(env_file=env).store.chunk_size == 7
+    env.write_text("GNPD_STORE__CHUNK_SIZE=70\nUNRELATED=1\n")
+    assert load_settings(env_file=env).store.chunk_size == 70
 
 
 def test_kwargs_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GNPD_STORE__CHUNK_SIZE", "100")
-    s = Settings(store={"chunk_size": 3, "path": "x"})
-    assert s.store.chunk_size == 3 and s.store.path == Path("x")
+    s = Settings(store={"chunk_size": 30, "path": "x"})
+    assert s.store.chunk_size == 30 and s.store.path == Path("x")
 
 
 @pytest.mark.parametrize("env, value, text", [
@@ -171,3 +171,11 @@ def test_the_daemons_compile_modes_are_torch_compile_modes() -> None:
     from gnp.train import COMPILE_MODES
     modes = set(get_args(TrainSettings.model_fields["compile"].annotation))
     assert "off" in modes and modes - {"off"} <= set(COMPILE_MODES)
+
+
+def test_a_chunk_size_that_holds_out_no_validation_sample_is_refused() -> None:
+    from daemon.settings import StoreSettings
+
+    with pytest.raises(ValueError, match=r"round\(0.1 x 5\) = 0.*GNPD_STORE__CHUNK_SIZE=6"):
+        StoreSettings(chunk_size=5, val_fraction=0.1)
+    assert StoreSettings(chunk_size=6, val_fraction=0.1).chunk_size == 6

@@ -176,6 +176,102 @@ def test_worker_thread_learns_stored_chunks_at_start_and_on_seal(env):
     assert env.served.version.version == 2
 
 
+def test_a_chunk_without_validation_rows_waits_for_the_next_seal_not_in_a_loop(tmp_path, digits):
+    """round(2 x 0.2) = 0 validation rows: the child answers no_data, and the loop woke itself
+    again at once for the same chunk, spawning training children back to back forever."""
+    env = UpdateEnv(tmp_path, digits, 2, schedule=TINY)
+    env.seal()
+    results, first = [], threading.Event()
+    worker = env.worker()
+    worker.on_result = lambda r: (results.append(r), first.set())
+    worker.start()
+    try:
+        assert first.wait(60)
+        time.sleep(6)  # a child takes about a second: a loop would have run several
+    finally:
+        assert worker.stop(timeout=30)
+    assert [r.outcome for r in results] == ["no_data"]
+    assert "no validation rows" in results[0].reason
+
+
+def test_a_work_folder_that_cannot_be_made_is_an_infra_error(tmp_path, digits):
+    """out.mkdir() sat above the try that turns storage errors into infra_error: the update
+    escaped as an exception, neither counted nor reported."""
+    env = UpdateEnv(tmp_path, digits, 200, schedule=TINY)
+    env.seal()
+    worker = env.worker()
+    (env.registry.path / ".work").write_text("")  # stands in for ENOSPC or EROFS on mkdir
+    result = worker.update_pending()
+    assert result.outcome == "infra_error" and "NotADirectoryError" in result.reason
+    assert env.sample("gnp_updates_total", {"outcome": "infra_error"}) == 1
+
+
+def test_a_damaged_old_checkpoint_is_left_out_of_the_gate_and_blames_no_chunk(tmp_path, digits):
+    """Start-up skips a version whose weights fail their checksum, but it stayed a gate
+    reference: its CheckpointError in the child was blamed on the new chunks, which were
+    quarantined, and no update could succeed again."""
+    from daemon.control import ModelControl
+    from daemon.updater import UpdateWorker
+
+    env = UpdateEnv(tmp_path, digits, 200, schedule=TINY, max_accuracy_drop=1.0)
+    env.seal(2)
+    for chunks, seen, parent in ((("1",), ("1",), None), (("2",), ("1", "2"), 1)):
+        env.registry.save(gnp.build_model("lenet-300-100", SHAPE, 10), ModelVersion(
+            version=0, parent=parent, created=0.0, model_name="", input_shape=(), num_classes=0,
+            chunk_ids=chunks, seen_chunk_ids=seen, store_id=env.store.store_id))
+    weights = env.registry.path / "v000002.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF  # bit rot in version 2
+    weights.write_bytes(bytes(blob))
+    latest = env.registry.latest()
+    assert latest[1].version == 1  # start-up serves version 1
+    control = ModelControl(env.served, env.registry, env.metrics, env.store.store_id)
+    control.start(latest)
+    worker = UpdateWorker(env.store, env.registry, env.served, env.metrics,
+                          UpdatePolicy(**{**env.defaults, "update_fn": FAKE + "ok"}), control=control)
+    for _ in range(2):  # max_attempts failures used to quarantine chunk 2
+        result = worker.update_pending()
+        assert result.outcome == "success", result.reason
+        env.seal()
+    assert worker.quarantined == frozenset() and env.served.version.version == 4
+
+
+def test_a_pin_during_cleanup_never_leaves_a_pinned_version_without_its_files(tmp_path, digits):
+    """Cleanup read the protected versions, then deleted, outside the control lock: a pin
+    of an old version landing in between was answered and served while its files went."""
+    from daemon.control import ControlError
+
+    env = UpdateEnv(tmp_path, digits, 200, schedule=TINY, max_accuracy_drop=1.0, keep_versions=1)
+    env.seal()
+    worker = env.worker(update_fn=FAKE + "ok")
+    assert worker.update_pending().outcome == "success"  # version 1
+    env.seal()
+    control, original, outcome = worker.control, worker.control.protected, []
+
+    def pin_one() -> None:  # POST /v1/model/pin {"version": 1}, from an HTTP thread
+        try:
+            outcome.append(control.pin(1).version)
+        except ControlError as e:
+            outcome.append(str(e))
+
+    def protected_then_a_pin_arrives():
+        keep = original()
+        pinner = threading.Thread(target=pin_one)
+        pinner.start()
+        pinner.join(0.5)  # it waits for the cleanup now
+        worker.pinner = pinner
+        return keep
+
+    control.protected = protected_then_a_pin_arrives
+    assert worker.update_pending().outcome == "success"  # version 2, then the cleanup
+    worker.pinner.join(30)
+    assert len(outcome) == 1
+    if control.pinned() == 1:  # pinned after all: its files must be there
+        assert (env.registry.path / "v000001.json").exists() and outcome == [1]
+    else:  # refused: version 1 was deleted first
+        assert "1" in outcome[0] and env.served.version.version == 2
+
+
 def test_stop_abandons_a_running_update_within_the_bound_and_saves_nothing(env):
     env.seal()
     slow = gnp.Schedule(new_epochs=200, all_epochs=200, baseline_epochs=400)
