@@ -108,7 +108,9 @@ def _scan_chunks(store: Path, input_size: int, kind: str = "image"
                  ) -> tuple[list[ChunkInfo], list[str | None], list[tuple[str, str]]]:
     """The readable chunks in id order, the topic id each records, and the files left out."""
     chunks, topics, skipped = [], [], []
-    for path in sorted((store / CHUNK_DIR).glob("chunk-*.arrow"), key=lambda p: p.name):
+    # by number (chunk-1000000 comes after chunk-999999): the newest chunk sets the offsets
+    for path in sorted((store / CHUNK_DIR).glob("chunk-*.arrow"),
+                       key=lambda p: (chunk_id_of(p) or 0, p.name)):
         number = chunk_id_of(path)
         if number is None:
             skipped.append((path.name, "not a chunk file name"))

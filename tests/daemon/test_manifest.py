@@ -123,6 +123,23 @@ def test_rebuild_resumes_in_the_topic_incarnation_and_after_a_truncation(tmp_pat
         again.close()
 
 
+def test_rebuild_orders_chunks_by_number_past_six_digits(tmp_path):
+    from daemon.rebuild import rebuild_manifest
+
+    store = ChunkStore(tmp_path, 4, SHAPE, 0.25)
+    store.append([sample(0, o) for o in range(8)])  # chunks 1, 2: offsets 0..7
+    store.rebase(0, 0)  # the broker truncated everything
+    store.append([sample(0, o) for o in range(4)])  # chunk 3: offsets 0..3
+    store.close()
+    chunks = tmp_path / "chunks"
+    for old, new in ((1, 999998), (2, 999999), (3, 1000000)):  # by name, 1000000 sorts first
+        (chunks / f"chunk-{old:06d}.arrow").rename(chunks / f"chunk-{new:06d}.arrow")
+    (tmp_path / "manifest.json").unlink()
+    done = rebuild_manifest(tmp_path, SHAPE, 4, 0.25)
+    assert [c.id for c in done.manifest.chunks] == [999998, 999999, 1000000]
+    assert done.manifest.next_offsets == {0: 4}
+
+
 def test_rebuild_leaves_unreadable_chunks_in_place_and_unlisted(tmp_path):
     filled(tmp_path).close()
     bad = tmp_path / "chunks" / "chunk-000002.arrow"
