@@ -98,6 +98,11 @@ class Daemon:
         s = self.settings
         _set_torch_threads(s.serve.torch_threads)
         try:
+            try:  # the configured name, shape and classes must make a model, or every
+                self.registry.build()  # update would fail in the training child
+            except ValueError as e:
+                raise ValueError(f"GNPD_MODEL__NAME={s.model.name}, GNPD_MODEL__INPUT_SHAPE="
+                                 f"{s.model.input_shape}: {e}") from None
             from daemon.speech_store import codec_for  # a speech model keeps speech chunks
 
             self.store = ChunkStore(s.store.path, s.store.chunk_size, s.model.input_shape,

@@ -216,6 +216,16 @@ class ModelSettings(_Section):
                               "(naming both paths), or fresh = ignore that store's checkpoints "
                               "and learn this store from scratch")
 
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        # A typo would start a daemon whose every update fails in the training child.
+        from gnp.models import MODELS
+
+        if value not in MODELS:
+            raise ValueError(f"unknown model {value!r}; the registry has {', '.join(sorted(MODELS))}")
+        return value
+
     @field_validator("input_shape", mode="before")
     @classmethod
     def _parse_shape(cls, value: Any) -> Any:
@@ -330,15 +340,26 @@ class ServeSettings(_Section):
     @field_validator("api_token", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
-        # An empty key of a Kubernetes Secret arrives as "": that means "no token".
-        return None if isinstance(value, str) and not value.strip() else value
+        # An empty key of a Kubernetes Secret arrives as "": that means "no token". A Secret
+        # made from a file keeps its trailing newline, which no HTTP header can carry: strip.
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            return value.strip() or None
+        return value
 
     @field_validator("api_token")
     @classmethod
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < _MIN_TOKEN:
+        if value is None:
+            return value
+        secret = value.get_secret_value()
+        if len(secret) < _MIN_TOKEN:
             raise ValueError(f"the API token must be at least {_MIN_TOKEN} characters "
                              f"(e.g. the output of `openssl rand -hex 32`)")
+        if not (secret.isascii() and secret.isprintable()):  # what a header carries as sent
+            raise ValueError("the API token must be printable ASCII (e.g. the output of "
+                             "`openssl rand -hex 32`)")
         return value
 
 
@@ -458,6 +479,9 @@ def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Set
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
     except _SourceError as exc:  # e.g. an env var for a list that is not JSON
         raise SettingsError(f"invalid settings: {exc}") from None
+    except UnicodeDecodeError as exc:  # the dotenv file is read as UTF-8
+        raise SettingsError(f"invalid settings: {env_file} is not UTF-8 text ({exc.reason} at "
+                            f"byte {exc.start}): save it as UTF-8") from None
 
 
 def _env_name(loc: tuple[int | str, ...]) -> str:

@@ -294,10 +294,10 @@ def _load_data(job: Job) -> tuple[dict[str, Any], Any]:
 
 def _train(job: Job, data: Any, stop: _Stop) -> tuple[dict[str, Any], Any]:
     """Run the update and evaluate the references; returns (result fields, model)."""
-    from daemon.registry import CheckpointError, ModelRegistry
+    from daemon.registry import CheckpointError
 
     new, replay, val = data
-    registry = ModelRegistry(job.registry, job.model_name, job.input_shape, job.num_classes)
+    registry = _registry(job)
     base = registry.load(job.base_version)[0] if job.base_version is not None else None
     update = _resolve(job.update_fn)
     log.info("training on %d new, %d replay, %d validation samples", len(new), len(replay),
@@ -326,6 +326,12 @@ def _train(job: Job, data: Any, stop: _Stop) -> tuple[dict[str, Any], Any]:
                        "wall_seconds": float(cost.wall_seconds), "device": str(cost.device)},
               "reference_accuracies": refs}
     return fields, res.model
+
+
+def _registry(job: Job) -> Any:
+    from daemon.registry import ModelRegistry
+
+    return ModelRegistry(job.registry, job.model_name, job.input_shape, job.num_classes)
 
 
 def _is_speech(model_name: str) -> bool:
@@ -394,6 +400,8 @@ def _run(job: Job, stop: _Stop) -> dict[str, Any]:
         if data is None:
             why = result.pop("why", "no usable new chunk")
             return {**result, "outcome": "no_data", "reason": why}
+        during = "building the model"  # a name or shape the registry refuses: not the data's
+        _registry(job).build()
         during = "training"
         fields, model = _train(job, data, stop)
         result.update(fields)

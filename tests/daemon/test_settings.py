@@ -179,3 +179,11 @@ def test_a_chunk_size_that_holds_out_no_validation_sample_is_refused() -> None:
     with pytest.raises(ValueError, match=r"round\(0.1 x 5\) = 0.*GNPD_STORE__CHUNK_SIZE=6"):
         StoreSettings(chunk_size=5, val_fraction=0.1)
     assert StoreSettings(chunk_size=6, val_fraction=0.1).chunk_size == 6
+
+
+def test_an_unknown_model_name_is_refused_naming_the_registry(monkeypatch) -> None:
+    # A typo started a daemon whose every update failed in the training child, as a training
+    # failure: the chunks were quarantined for good.
+    monkeypatch.setenv("GNPD_MODEL__NAME", "lenet-300")
+    with pytest.raises(SettingsError, match=r"GNPD_MODEL__NAME: unknown model 'lenet-300'.*lenet-300-100"):
+        load_settings(env_file=None)

@@ -272,6 +272,22 @@ def test_a_pin_during_cleanup_never_leaves_a_pinned_version_without_its_files(tm
         assert "1" in outcome[0] and env.served.version.version == 2
 
 
+def test_a_model_the_registry_cannot_build_is_an_infra_error_and_quarantines_nothing(tmp_path, digits):
+    """The build error came inside the "training" step, so it was blamed on the chunks."""
+    from daemon.registry import ModelRegistry, ServedModel
+    from daemon.updater import UpdateWorker
+
+    env = UpdateEnv(tmp_path, digits, 100)
+    env.registry = ModelRegistry(tmp_path / "models", "lenet-300", SHAPE, 10)  # no such model
+    worker = UpdateWorker(env.store, env.registry, ServedModel(SHAPE), env.metrics,
+                          UpdatePolicy(device="cpu", max_attempts=2))
+    env.seal()
+    for _ in range(2):
+        result = worker.update_pending()
+        assert result.outcome == "infra_error" and "building the model" in result.reason
+    assert not worker.quarantined
+
+
 def test_stop_abandons_a_running_update_within_the_bound_and_saves_nothing(env):
     env.seal()
     slow = gnp.Schedule(new_epochs=200, all_epochs=200, baseline_epochs=400)
