@@ -63,7 +63,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = {"model": {"on_store_mismatch": args.on_store_mismatch}} \
         if args.on_store_mismatch else {}
     try:
-        settings = load_settings(env_file=args.env_file, **overrides)
+        settings = load_settings(env_file=_env_file(args.env_file), **overrides)
     except SettingsError as e:
         print(f"gnpd: {e}", file=sys.stderr)
         return 2
@@ -71,6 +71,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         daemon = Daemon(settings).start()
+    except KeyboardInterrupt:  # Ctrl-C while starting: start() has stopped what it began
+        print("gnpd: interrupted while starting", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - start-up failures: one clear line and exit 1
         log.debug("start-up failed", exc_info=True)
         in_data = isinstance(e, OSError) and str(getattr(e, "filename", "") or "").startswith(
@@ -80,6 +83,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"gnpd: could not start: {type(e).__name__}: {e}{hint}", file=sys.stderr)
         return 1
     return _exit(daemon.run())
+
+
+def _env_file(path: str | None) -> str | None:
+    """The dotenv file to read: the default ``.env`` only if it exists, a path named on the
+    command line always (a mistyped one must not start the daemon on the defaults)."""
+    from daemon.settings import SettingsError
+
+    if path is not None and path != ".env" and not Path(path).exists():  # /dev/null: none
+        raise SettingsError(f"--env-file {path}: no such file")
+    return path
 
 
 def _exit(clean: bool) -> int:
@@ -160,7 +173,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if problem:
         print(f"gnpd demo: {problem}", file=sys.stderr)
         return 2
-    settings = _demo_settings(args, dataset)
+    from daemon.settings import SettingsError
+
+    try:
+        settings = _demo_settings(args, dataset)
+    except SettingsError as e:  # e.g. --port 70000, or a bad GNPD_* variable
+        print(f"gnpd demo: {e}", file=sys.stderr)
+        return 2
     from daemon.app import Daemon
 
     rate = args.rate or _DEMO[dataset]["rate"]
@@ -294,7 +313,7 @@ def _cmd_store_rebuild(args: argparse.Namespace) -> int:
 
     _configure_logging(args.log_level)
     try:
-        settings = load_settings(env_file=args.env_file)
+        settings = load_settings(env_file=_env_file(args.env_file))
     except SettingsError as e:
         print(f"gnpd: {e}", file=sys.stderr)
         return 2

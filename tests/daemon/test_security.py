@@ -409,3 +409,24 @@ def read_all_secure(kafka: KafkaSettings, topic: str, expect: int) -> list:
         return records
     finally:
         consumer.close()
+
+
+def test_a_token_from_a_file_with_a_trailing_newline_works_and_a_non_ascii_one_is_refused(
+        monkeypatch):
+    # `kubectl create secret --from-file` keeps the newline, which no header can carry: the
+    # token was accepted at start and every /v1 call answered 401 for good.
+    from daemon.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("GNPD_SERVE__API_TOKEN", TOKEN + "\n")
+    serve = load_settings(env_file=None).serve
+    assert serve.api_token.get_secret_value() == TOKEN
+    srv = HttpServer(create_app(ServedModel((1, 8, 8)), Metrics(), serve=serve), "127.0.0.1", 0)
+    srv.start()
+    try:
+        r = httpx.get(f"{srv.url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code != 401
+    finally:
+        srv.stop()
+    monkeypatch.setenv("GNPD_SERVE__API_TOKEN", "é" * 32)  # headers are latin-1, not UTF-8
+    with pytest.raises(SettingsError, match="printable ASCII"):
+        load_settings(env_file=None)
