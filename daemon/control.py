@@ -155,10 +155,13 @@ class ModelControl:
     def unpin(self) -> ModelVersion | None:
         """Remove the pin and serve the head; returns the served version."""
         with self.lock:
-            self._pin_path.unlink(missing_ok=True)
+            head = None  # loaded before the pin goes: a head that does not load keeps the pin
             if self.head is not None and getattr(self.served.version, "version", None) \
                     != self.head.version:
-                self._publish(*self._load(self.head.version))
+                head = self._load(self.head.version)
+            self._pin_path.unlink(missing_ok=True)
+            if head is not None:
+                self._publish(*head)
             log.info("unpinned: serving version %s", getattr(self.served.version, "version", None))
             return self.served.version
 

@@ -171,3 +171,27 @@ def test_an_update_running_across_a_rollback_is_void(env):
     assert results[0].outcome == "abandoned" and "rolled back" in results[0].reason
     assert env.served.version == restored and restored.restored_from == 1
     assert [v.version for v in env.registry.history()] == [1, 2, 3]  # nothing saved after
+
+
+def test_an_unpin_refused_because_the_head_does_not_load_keeps_the_pin(tmp_path):
+    # pin.json went before the head was loaded: a refused unpin (404) had removed the pin
+    # anyway, leaving the old version served, unpinned, while head named another.
+    import pytest as _pytest
+
+    from daemon.control import ControlError
+    from daemon.registry import ModelRegistry
+
+    reg = ModelRegistry(tmp_path / "models", "lenet-300-100", SHAPE, 10)
+    for parent in (None, 1):
+        reg.save(gnp.build_model("lenet-300-100", SHAPE, 10), ModelVersion(
+            version=0, parent=parent, created=0.0, model_name="", input_shape=(), num_classes=0,
+            store_id="s"))
+    served = ServedModel(SHAPE)
+    control = ModelControl(served, reg, Metrics(), "s")
+    control.start(reg.latest())
+    control.pin(1)
+    (reg.path / "v000002.safetensors").write_bytes(b"damaged")
+    with _pytest.raises(ControlError) as refused:
+        control.unpin()
+    assert refused.value.status == 404
+    assert control.pinned() == 1 and served.version.version == 1
