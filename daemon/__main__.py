@@ -85,12 +85,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return _exit(daemon.run())
 
 
-def _env_file(path: str | None) -> str | None:
-    """The dotenv file to read: the default ``.env`` only if it exists, a path named on the
-    command line always (a mistyped one must not start the daemon on the defaults)."""
+def _env_file(path: str | None) -> str:
+    """The dotenv file to read: ``.env`` when none is named (read only if it exists); a file
+    named with --env-file must exist (a mistyped one must not start on the defaults)."""
     from daemon.settings import SettingsError
 
-    if path is not None and path != ".env" and not Path(path).exists():  # /dev/null: none
+    if path is None:
+        return ".env"
+    if not Path(path).exists():  # exists, not is_file: /dev/null means "none"
         raise SettingsError(f"--env-file {path}: no such file")
     return path
 
@@ -371,7 +373,8 @@ def _add_store_commands(sub: Any, common: Any) -> None:
     rebuild.add_argument("--store-id", default=None, help="the store identity to record "
                          "(default: the old manifest's when it can be read, else the newest "
                          "checkpoint's when it learnt only chunks found here, else a new one)")
-    rebuild.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    rebuild.add_argument("--env-file", default=None,
+                        help="dotenv file to read (default: .env, if there is one)")
     rebuild.set_defaults(func=_cmd_store_rebuild)
 
 
@@ -389,7 +392,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[common("INFO")],
                          help="run the daemon (settings from GNPD_* env vars)")
-    run.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    run.add_argument("--env-file", default=None,
+                        help="dotenv file to read (default: .env, if there is one)")
     run.add_argument("--on-store-mismatch", choices=["refuse", "fresh"], default=None,
                      help="the latest checkpoint learnt from another store: refuse to start "
                      "(default) or learn this store from scratch (GNPD_MODEL__ON_STORE_MISMATCH)")

@@ -46,8 +46,8 @@ import asyncio
 import gc
 import io
 import itertools
-import math
 import logging
+import math
 import socket
 import threading
 import time

@@ -64,6 +64,8 @@ def test_a_missing_env_file_named_on_the_command_line_is_an_error(no_gnpd_env, m
     assert main(["run", "--env-file", str(tmp_path / "prod.env.typo")]) == 2
     err = capsys.readouterr().err
     assert "prod.env.typo: no such file" in err and "_Started" not in err
+    assert main(["run", "--env-file", ".env"]) == 2  # named: it must exist, even this name
+    assert ".env: no such file" in capsys.readouterr().err
     assert main(["run"]) == 1  # the default .env may be absent: on to the start
     assert "_Started" in capsys.readouterr().err
 
