@@ -54,7 +54,7 @@ def _load(path: Path, name: str, shape: tuple[int, ...], classes: int) -> torch.
     state = safetensors.torch.load_file(str(path))
     model = build_model(name, shape, classes)
     if any(k.endswith("unit_mask") for k in state):
-        UnitMasks.attach(model)
+        UnitMasks.attach(model).complete_unit_masks(state)
     model.load_state_dict(state, strict=True)
     return model.eval()
 

@@ -175,12 +175,14 @@ class ModelRegistry:
 
     def build_for(self, tensors: dict[str, Any]) -> nn.Module:
         """A fresh model that a checkpoint's tensors load into: with unit masks
-        (gnp.units) when the checkpoint has them (a cgap model), else as ``build()``."""
+        (gnp.units) when the checkpoint has them (a cgap model), else as ``build()``.
+        A cgap checkpoint saved before a unit group existed (ResNet-18's residual
+        stream) gets that group's mask added to ``tensors``, all ones: those units whole."""
         model = self.build()
         if any(k.endswith(".unit_mask") for k in tensors):
             from gnp.units import UnitMasks  # lazily, as the default builder
 
-            UnitMasks.attach(model)
+            UnitMasks.attach(model).complete_unit_masks(tensors)
         return model
 
     def save(self, model: nn.Module, meta: ModelVersion) -> ModelVersion:

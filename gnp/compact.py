@@ -10,7 +10,11 @@ parameters. Which units go, per unit group (`gnp.units.unit_layout`):
   connection (it affects nothing), and a unit with no active incoming
   connection whose constant output can be folded exactly into its consumers'
   biases (a Linear consumer, or a Conv2d consumer without padding; the constant is
-  leaky_relu(bias), or leaky_relu(BN(0)) in eval mode). Other input-less units stay.
+  leaky_relu(bias), or leaky_relu(BN(0)) in eval mode). Other input-less units stay,
+  and so do those of a tied group (a residual stream: its channels are sums).
+
+A tied group's channel goes from every writer (rows and BN channels) and every
+reader (input columns) at once.
 
 A group always keeps at least one unit. Connections left dormant inside the kept
 layers stay as zeros in the dense weights. Outputs equal the masked model's (eval
@@ -59,7 +63,7 @@ def kept_units(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per unit group (producer name): bool mask of the units the compact model keeps."""
     mods = dict(model.named_modules())
     keep = {}
-    for prod, norm, cons in unit_layout(model):
+    for prod, norm, cons, tied in unit_layout(model):
         p = mods[prod]
         n = p.weight.shape[0]
         if isinstance(getattr(p, UNIT_MASK, None), torch.Tensor):
@@ -70,7 +74,7 @@ def kept_units(model: nn.Module) -> dict[str, torch.Tensor]:
             for c in cons:
                 cm = _conn_mask(mods[c])
                 has_out |= cm.transpose(0, 1).reshape(n, -1).any(1)
-            fold = all(_foldable(mods[c]) for c in cons)
+            fold = not tied and all(_foldable(mods[c]) for c in cons)
             k = has_out & (has_in | (not fold))
         if not k.any():
             k[0] = True
@@ -133,13 +137,14 @@ def compact_model(model: nn.Module) -> nn.Module:
     keep = kept_units(work)
     rows: dict[str, torch.Tensor] = {}
     cols: dict[str, torch.Tensor] = {}
-    for prod, norm, cons in layout:
+    for prod, norm, cons, tied in layout:
         k = keep[prod]
-        if not isinstance(getattr(mods[prod], UNIT_MASK, None), torch.Tensor):
+        if not tied and not isinstance(getattr(mods[prod], UNIT_MASK, None), torch.Tensor):
             _fold(mods, prod, norm, cons, ~k)
-        rows[prod] = k
-        if norm:
-            rows[norm] = k
+        for writer, wnorm in [(prod, norm), *tied]:
+            rows[writer] = k
+            if wnorm:
+                rows[wnorm] = k
         for c in cons:
             cols[c] = k.repeat_interleave(mods[c].weight.shape[1] // k.numel())
     for name in set(rows) | set(cols):

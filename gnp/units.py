@@ -14,9 +14,14 @@ are zero, so no gradient reaches it (the gradient at its output is W_next[:, j]^
 = 0), and with zero momentum nothing moves it.
 
 Which units form groups: a model may define `unit_layout()` returning
-(producer, norm or None, consumers) module names; otherwise the prunable layers
-in module order form a chain, each layer's units read by the next layer (the
-LeNets). The output layer's units (the classes) are never masked.
+(producer, norm or None, consumers[, tied]) module names; otherwise the prunable
+layers in module order form a chain, each layer's units read by the next layer
+(the LeNets). The output layer's units (the classes) are never masked. `tied`
+lists further (producer, norm) pairs whose outputs are *added* to the first
+producer's, channel by channel (a residual stream: ResNet-18's stem or shortcut
+projection and every block's second convolution in a stage). They share the
+group's mask, held by the first producer: a dormant channel is zero in every
+writer, so the sum is zero and stays zero through the identity shortcuts.
 
 CGaP, in three separate pieces as for connection growth:
 
@@ -28,7 +33,8 @@ CGaP, in three separate pieces as for connection growth:
   same pass connection growth uses) scores every dormant unit at once: this is
   "the gradient norm the unit would receive", the unit analogue of the dormant
   connection gradient. Pruning: ||incoming|| x ||outgoing|| of an active unit,
-  with |BN scale| in place of ||incoming|| after a batch norm. Leaky ReLU is
+  with |BN scale| in place of ||incoming|| after a batch norm (a tied group: the
+  root of the sum of squares over its writers). Leaky ReLU is
   positively homogeneous, so scaling a unit's inputs by c and outputs by 1/c
   leaves the function and this score unchanged; an incoming norm alone would not.
 - Select (pure): the `n` highest-scored dormant units; the `beta` percent
@@ -67,6 +73,13 @@ class UnitGroup:
     norm: nn.Module | None  # batch norm over the producer's outputs
     consumers: tuple[tuple[str, nn.Module, int], ...]  # (name, module, input columns per unit)
     mask: torch.Tensor  # bool (units,)
+    tied: tuple[tuple[str, nn.Module, nn.Module | None], ...] = ()  # (name, producer, norm)
+
+    @property
+    def writers(self) -> tuple[tuple[str, nn.Module, nn.Module | None], ...]:
+        """Every (name, producer, norm) whose outputs these units are: the producer, then
+        the tied ones."""
+        return ((self.name, self.producer, self.norm),) + self.tied
 
     @property
     def active(self) -> int:
@@ -76,13 +89,17 @@ class UnitGroup:
         return self.mask.numel()
 
 
-def unit_layout(model: nn.Module) -> list[tuple[str, str | None, list[str]]]:
-    """(producer, norm, consumers) names: the model's `unit_layout()`, or the chain of its
-    prunable layers in module order (each read by the next; the last is the output)."""
+Layout = list[tuple[str, str | None, list[str], list[tuple[str, str | None]]]]
+
+
+def unit_layout(model: nn.Module) -> Layout:
+    """(producer, norm, consumers, tied) names: the model's `unit_layout()` (`tied` may be
+    left out: none), or the chain of its prunable layers in module order (each read by the
+    next; the last is the output)."""
     if hasattr(model, "unit_layout"):
-        return model.unit_layout()
+        return [(e[0], e[1], list(e[2]), list(e[3]) if len(e) > 3 else []) for e in model.unit_layout()]
     names = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
-    return [(a, None, [b]) for a, b in zip(names, names[1:])]
+    return [(a, None, [b], []) for a, b in zip(names, names[1:])]
 
 
 def _units(m: nn.Module) -> int:
@@ -100,7 +117,7 @@ class UnitMasks:
         self.model = model
         mods = dict(model.named_modules())
         self.groups: list[UnitGroup] = []
-        for prod, norm, cons in unit_layout(model):
+        for prod, norm, cons, tied in unit_layout(model):
             p = mods[prod]
             if not isinstance(getattr(p, UNIT_MASK, None), torch.Tensor):
                 raise ValueError(f"{prod!r} has no {UNIT_MASK}: call UnitMasks.attach first")
@@ -110,15 +127,20 @@ class UnitMasks:
                     raise ValueError(f"{c!r} reads {_inputs(mods[c])} inputs, not a multiple "
                                      f"of {prod!r}'s {_units(p)} units")
                 consumers.append((c, mods[c], _inputs(mods[c]) // _units(p)))
-            self.groups.append(UnitGroup(prod, p, mods[norm] if norm else None, tuple(consumers),
-                                         getattr(p, UNIT_MASK)))
+            for t, _ in tied:
+                if _units(mods[t]) != _units(p):
+                    raise ValueError(f"{t!r} has {_units(mods[t])} units, tied to {prod!r}'s "
+                                     f"{_units(p)}")
+            self.groups.append(UnitGroup(
+                prod, p, mods[norm] if norm else None, tuple(consumers), getattr(p, UNIT_MASK),
+                tuple((t, mods[t], mods[tn] if tn else None) for t, tn in tied)))
 
     @classmethod
     def attach(cls, model: nn.Module) -> "UnitMasks":
         """Give every producer an all-ones unit mask (idempotent); the model needs its
         connection masks (`Masks.attach`, done by `build_model`)."""
         mods = dict(model.named_modules())
-        for prod, _, _ in unit_layout(model):
+        for prod, *_ in unit_layout(model):
             p = mods[prod]
             if not hasattr(p, UNIT_MASK):
                 p.register_buffer(UNIT_MASK, torch.ones(_units(p), dtype=torch.bool,
@@ -131,13 +153,26 @@ class UnitMasks:
     def __iter__(self):
         return iter(self.groups)
 
+    def complete_unit_masks(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Add to a checkpoint's `state` (in place) an all-ones mask for each group it has
+        none for, so that a model saved before a group existed (ResNet-18's residual
+        stream became a unit group later) loads with those units whole, as it was
+        trained. Returns the keys added."""
+        added = []
+        for g in self.groups:
+            key = f"{g.name}.{UNIT_MASK}"
+            if key not in state:
+                state[key] = torch.ones(len(g), dtype=torch.bool)
+                added.append(key)
+        return added
+
     def counts(self) -> dict[str, tuple[int, int]]:
         """(active, total) units per group."""
         return {g.name: (g.active, len(g)) for g in self.groups}
 
     def connection_masks(self, masks: Masks) -> dict[str, torch.Tensor]:
         """Every masked layer's connection mask: its output unit and input unit both active."""
-        rows = {g.name: g.mask for g in self.groups}
+        rows = {w: g.mask for g in self.groups for w, _, _ in g.writers}
         cols = {c: g.mask.repeat_interleave(k) for g in self.groups for c, _, k in g.consumers}
         out = {}
         for layer in masks:
@@ -155,20 +190,23 @@ class UnitMasks:
         masks.set(self.connection_masks(masks))
         for g in self.groups:
             off = ~g.mask
-            if getattr(g.producer, "bias", None) is not None:
-                g.producer.bias[off] = 0.0
-            if g.norm is not None:
-                g.norm.weight[off] = 0.0
-                g.norm.bias[off] = 0.0
+            for _, prod, norm in g.writers:
+                if getattr(prod, "bias", None) is not None:
+                    prod.bias[off] = 0.0
+                if norm is not None:
+                    norm.weight[off] = 0.0
+                    norm.bias[off] = 0.0
 
     @torch.no_grad()
     def mask_state(self, opt: torch.optim.Optimizer) -> None:
         """Zero the optimiser state (momentum) of everything a dormant unit owns: its
         incoming row, bias, BN scale and shift, and its columns in the consumers."""
         for g in self.groups:
-            owned = [g.producer.weight, getattr(g.producer, "bias", None)]
-            if g.norm is not None:
-                owned += [g.norm.weight, g.norm.bias]
+            owned = []
+            for _, prod, norm in g.writers:
+                owned += [prod.weight, getattr(prod, "bias", None)]
+                if norm is not None:
+                    owned += [norm.weight, norm.bias]
             for p in owned:
                 if p is not None:
                     _mul_state(opt, p, g.mask.view(-1, *(1,) * (p.dim() - 1)))
@@ -192,9 +230,11 @@ def _per_unit_columns(w: torch.Tensor, units: int) -> torch.Tensor:
 
 
 def prune_scores(g: UnitGroup) -> torch.Tensor:
-    """||incoming|| (or |BN scale|) x ||outgoing|| of each unit (dormant units score 0)."""
-    incoming = (g.norm.weight.detach().abs() if g.norm is not None
-                else g.producer.weight.detach().flatten(1).norm(dim=1))
+    """||incoming|| (or |BN scale|) x ||outgoing|| of each unit (dormant units score 0);
+    a tied group's incoming: the root of the sum of squares over its writers."""
+    incoming = sum((norm.weight.detach().abs() if norm is not None
+                    else prod.weight.detach().flatten(1).norm(dim=1)).pow(2)
+                   for _, prod, norm in g.writers).sqrt()
     outgoing = sum(_per_unit_columns(m.weight, len(g)).pow(2).sum(1) for _, m, _ in g.consumers)
     return incoming * outgoing.sqrt() * g.mask
 
@@ -267,21 +307,23 @@ def propose_candidates(units: UnitMasks, gen: torch.Generator) -> None:
     Call `sync` afterwards to put the ones not grown back to zero."""
     in_units = {c: g.mask.repeat_interleave(k) for g in units for c, _, k in g.consumers}
     for g in units:
-        w, off = g.producer.weight, ~g.mask
+        off = ~g.mask
         if not off.any():
             continue
-        cols = in_units.get(g.name, torch.ones(w.shape[1], dtype=torch.bool, device=w.device))
-        fan_in = max(1, int(cols.sum()) * w[0, 0].numel())
-        bound = 1.0 / math.sqrt(fan_in)
-        cand = (torch.rand(w.shape, generator=gen) * 2 - 1).to(w.device, w.dtype) * bound
-        shape = (1, -1, *(1,) * (w.dim() - 2))
-        w[off] = (cand * cols.view(shape))[off]
-        if getattr(g.producer, "bias", None) is not None:
-            g.producer.bias[off] = ((torch.rand(len(g), generator=gen) * 2 - 1) * bound).to(
-                w.device, w.dtype)[off]
-        if g.norm is not None:
-            g.norm.weight[off] = 1.0
-            g.norm.bias[off] = 0.0
+        for name, prod, norm in g.writers:
+            w = prod.weight
+            cols = in_units.get(name, torch.ones(w.shape[1], dtype=torch.bool, device=w.device))
+            fan_in = max(1, int(cols.sum()) * w[0, 0].numel())
+            bound = 1.0 / math.sqrt(fan_in)
+            cand = (torch.rand(w.shape, generator=gen) * 2 - 1).to(w.device, w.dtype) * bound
+            shape = (1, -1, *(1,) * (w.dim() - 2))
+            w[off] = (cand * cols.view(shape))[off]
+            if getattr(prod, "bias", None) is not None:
+                prod.bias[off] = ((torch.rand(len(g), generator=gen) * 2 - 1) * bound).to(
+                    w.device, w.dtype)[off]
+            if norm is not None:
+                norm.weight[off] = 1.0
+                norm.bias[off] = 0.0
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,17 @@ at the first block of stages 2-4, with a 1x1 convolution + BN shortcut where the
 changes); global average pooling; one Linear. Leaky ReLU (slope 0.01) as everywhere.
 Convolutions have no bias (BN follows each).
 
-Units (gnp.units): the filters of each block's first convolution (with its BN channel),
-read by the block's second convolution. The residual stream's channels are not unit
-groups: a channel of it is written by every block of a stage and by the shortcut, so
-removing it would tie all of them; leaving it whole keeps every skip connection intact
-per channel, and growth and pruning of internal channels never cut a skip path.
+Units (gnp.units), two kinds of group:
+- each block's internal channels: the filters of its first convolution (with their BN
+  channels), read by its second convolution;
+- each stage's residual stream: a channel of it is the sum of what the stage's writers
+  put there (the stem, or the stage's 1x1 shortcut projection, and the second
+  convolution of each of its blocks, each through its BN) plus the identity shortcuts,
+  and it is read by every block's first convolution, the next stage's projection, and
+  the classifier. The writers are tied (one mask): a dormant stream channel is zero in
+  every writer, hence zero in the sum and through every identity shortcut, so growth
+  and pruning act per channel on whole skip paths and a pruned channel leaves every
+  block at once (compaction slices it out of every writer and reader).
 """
 
 from __future__ import annotations
@@ -68,7 +74,20 @@ class ResNet18(nn.Module):
         x = self.blocks(x)  # (B, 512, H/8, W/8)
         return self.fc(x.mean((2, 3)))
 
-    def unit_layout(self) -> list[tuple[str, str | None, list[str]]]:
-        """Each block's internal channels: (conv1, bn1) read by conv2."""
-        return [(f"blocks.{i}.conv1", f"blocks.{i}.bn1", [f"blocks.{i}.conv2"])
-                for i in range(len(self.blocks))]
+    def unit_layout(self) -> list[tuple[str, str | None, list[str], list[tuple[str, str]]]]:
+        """Each block's internal channels, (conv1, bn1) read by conv2; then each stage's
+        residual stream, written by the stem or the stage's projection, tied with every
+        block's (conv2, bn2), read by the blocks' conv1, the next projection, and fc."""
+        inner = [(f"blocks.{i}.conv1", f"blocks.{i}.bn1", [f"blocks.{i}.conv2"], [])
+                 for i in range(len(self.blocks))]
+        streams = [["conv1", "bn1", [], []]]
+        for i, block in enumerate(self.blocks):
+            b = f"blocks.{i}"
+            reads = streams[-1]  # the stream this block reads
+            reads[2].append(f"{b}.conv1")
+            if len(block.shortcut):  # a projection: the block writes a new stream
+                reads[2].append(f"{b}.shortcut.0")
+                streams.append([f"{b}.shortcut.0", f"{b}.shortcut.1", [], []])
+            streams[-1][3].append((f"{b}.conv2", f"{b}.bn2"))
+        streams[-1][2].append("fc")
+        return inner + [tuple(s) for s in streams]

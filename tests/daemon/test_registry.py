@@ -243,3 +243,24 @@ def test_a_cgap_model_with_unit_masks_round_trips(tmp_path):
     loaded, _ = reg.latest()
     _assert_same_state(model, loaded)
     assert UnitMasks(loaded).counts() == UnitMasks(model).counts()
+
+
+def test_a_resnet_cgap_checkpoint_from_before_stream_units_loads_with_the_stream_whole(tmp_path):
+    """ResNet-18's residual stream became a unit group after cgap checkpoints were written
+    with unit masks on the blocks' inner channels only: such a checkpoint still loads."""
+    from gnp.units import UnitMasks, seed_units
+    reg = ModelRegistry(tmp_path / "models", "resnet-18", (1, 8, 8), 10)
+    model = reg.build()
+    units = UnitMasks.attach(model)
+    seed_units(units, gnp.Masks(model), 0.5, torch.Generator().manual_seed(0))
+    streams = [g for g in units if g.tied]
+    assert len(streams) == 4
+    for g in streams:  # as before: the stream whole
+        g.mask.fill_(True)
+    units.sync(gnp.Masks(model))
+    old = {k: v for k, v in model.state_dict().items()
+           if not any(k == f"{g.name}.unit_mask" for g in streams)}
+    loaded = reg.build_for(old)
+    loaded.load_state_dict(old, strict=True)
+    _assert_same_state(model, loaded)
+    assert all(UnitMasks(loaded).counts()[g.name] == (len(g), len(g)) for g in streams)

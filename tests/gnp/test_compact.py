@@ -41,8 +41,11 @@ def test_compact_cgap_model_equals_masked_model_and_is_smaller(name, shape):
     x = torch.randn(5, *shape, generator=gen)
     assert torch.allclose(small(x), model(x), atol=1e-5, rtol=1e-4)
     assert _no_masks(small)
-    for g in units:  # every layer holds exactly its active units
-        assert small.get_submodule(g.name).weight.shape[0] == g.active
+    for g in units:  # every layer holds exactly its active units, every writer of a tied group
+        for w, _, norm in g.writers:
+            assert small.get_submodule(w).weight.shape[0] == g.active
+        for c, m, k in g.consumers:
+            assert small.get_submodule(c).weight.shape[1] == g.active * k
     dense = sum(p.numel() for p in model.parameters())
     assert sum(p.numel() for p in small.parameters()) < 0.5 * dense
     assert count_macs(small, shape) < count_macs(gnp.build_model(name, shape, 10), shape)
@@ -58,11 +61,13 @@ def test_compact_connection_masked_model_drops_disconnected_units_exactly(name, 
     masks = Masks(model)
     new = {layer.name: torch.rand(layer.mask.shape, generator=gen) < 0.5 for layer in masks}
     mods = dict(model.named_modules())
-    for prod, _, cons in gnp.units.unit_layout(model):
+    for prod, _, cons, tied in gnp.units.unit_layout(model):
         n = mods[prod].weight.shape[0]
-        new[prod][: n // 4] = False  # no inputs
-        k = mods[cons[0]].weight.shape[1] // n
-        new[cons[0]][:, n // 4 * k: n // 2 * k] = False  # no outputs
+        for w in [prod, *(t for t, _ in tied)]:
+            new[w][: n // 4] = False  # no inputs
+        for c in cons:
+            k = mods[c].weight.shape[1] // n
+            new[c][:, n // 4 * k: n // 2 * k] = False  # no outputs
     masks.set(new)
     model.eval()
     small = compact_model(model)
@@ -70,13 +75,14 @@ def test_compact_connection_masked_model_drops_disconnected_units_exactly(name, 
     assert torch.allclose(small(x), model(x), atol=1e-5, rtol=1e-4)
     assert _no_masks(small)
     keep = kept_units(model)
-    for prod, _, cons in gnp.units.unit_layout(model):
+    for prod, _, cons, tied in gnp.units.unit_layout(model):
         n = mods[prod].weight.shape[0]
         assert not keep[prod][n // 4: n // 2].any()  # no outputs: always removed
-        foldable = getattr(mods[cons[0]], "bias", None) is not None and \
-            getattr(mods[cons[0]], "padding", 0) in (0, (0, 0))
-        assert bool(keep[prod][: n // 4].any()) != foldable
-        assert small.get_submodule(prod).weight.shape[0] == int(keep[prod].sum())
+        foldable = not tied and all(getattr(mods[c], "bias", None) is not None and
+                                    getattr(mods[c], "padding", 0) in (0, (0, 0)) for c in cons)
+        assert bool(keep[prod][: n // 4].any()) != foldable  # a residual stream never folds
+        for w in [prod, *(t for t, _ in tied)]:
+            assert small.get_submodule(w).weight.shape[0] == int(keep[prod].sum())
 
 
 def test_save_and_load_a_compact_model(tmp_path):

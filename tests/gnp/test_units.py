@@ -11,8 +11,8 @@ from gnp.data import incremental_split
 from gnp.masks import Masks
 from gnp.policies import update
 from gnp.train import CostMeter, TrainConfig, Trainer
-from gnp.units import (UnitMasks, grow_units, growth_count, select_unit_growth,
-                       select_unit_prune, seed_units, unit_prune_step)
+from gnp.units import (UnitMasks, grow_units, growth_count, propose_candidates,
+                       select_unit_growth, select_unit_prune, seed_units, unit_prune_step)
 
 
 def _seeded(name, shape, share=0.3, seed=0):
@@ -23,14 +23,14 @@ def _seeded(name, shape, share=0.3, seed=0):
 
 
 def _consumer_inputs(model, units):
-    """What each group's consumer reads, per unit: (B, units, ...), via forward pre-hooks."""
+    """What each group's consumers read, per unit: (B, units, ...), via forward pre-hooks."""
     seen, hooks = {}, []
     for g in units:
-        name, m, k = g.consumers[0]
-        def hook(_, args, g=g, k=k):
-            x = args[0]
-            seen[g.name] = x.reshape(x.shape[0], len(g), -1) if k > 1 or x.dim() == 2 else x
-        hooks.append(m.register_forward_pre_hook(hook))
+        for name, m, k in g.consumers:
+            def hook(_, args, key=(g.name, name), n=len(g), k=k):
+                x = args[0]
+                seen[key] = x.reshape(x.shape[0], n, -1) if k > 1 or x.dim() == 2 else x
+            hooks.append(m.register_forward_pre_hook(hook))
     return seen, hooks
 
 
@@ -49,18 +49,20 @@ def test_dormant_units_output_zero_and_get_no_gradient_while_training(name, shap
     for g in units:
         off = ~g.mask
         assert off.any() and g.mask.any()
-        assert torch.equal(seen[g.name][:, off], torch.zeros_like(seen[g.name][:, off]))
-        assert seen[g.name][:, g.mask].abs().sum() > 0
-        assert torch.equal(g.producer.weight[off], torch.zeros_like(g.producer.weight[off]))
-        assert not g.producer.weight.grad[off].any()  # no gradient leaks into dormant units
-        if g.producer.bias is not None:
-            assert not g.producer.bias[off].any() and not g.producer.bias.grad[off].any()
-        if g.norm is not None:
-            assert not g.norm.weight[off].any() and not g.norm.bias[off].any()
-            assert not g.norm.weight.grad[off].any() and not g.norm.bias.grad[off].any()
-        _, m, k = g.consumers[0]
-        cols = off.repeat_interleave(k)
-        assert not m.weight[:, cols].any() and not m.weight.grad[:, cols].any()
+        for c, m, k in g.consumers:  # every reader (a residual stream: every block's) sees zeros
+            x = seen[g.name, c]
+            assert torch.equal(x[:, off], torch.zeros_like(x[:, off]))
+            assert x[:, g.mask].abs().sum() > 0
+            cols = off.repeat_interleave(k)
+            assert not m.weight[:, cols].any() and not m.weight.grad[:, cols].any()
+        for _, prod, norm in g.writers:  # every writer of a tied group
+            assert torch.equal(prod.weight[off], torch.zeros_like(prod.weight[off]))
+            assert not prod.weight.grad[off].any()  # no gradient leaks into dormant units
+            if prod.bias is not None:
+                assert not prod.bias[off].any() and not prod.bias.grad[off].any()
+            if norm is not None:
+                assert not norm.weight[off].any() and not norm.bias[off].any()
+                assert not norm.weight.grad[off].any() and not norm.bias.grad[off].any()
     for h in hooks:
         h.remove()
 
@@ -91,6 +93,42 @@ def test_grow_units_activates_the_units_with_the_largest_outgoing_gradient():
     rows = units.groups[1].mask  # fc2's active units; the dormant ones' rows stay zero
     assert torch.allclose(model.fc2.weight[rows, favourites[2]], torch.full((int(rows.sum()),), -1.5))
     assert not model.fc2.weight[~rows, favourites[2]].any()
+
+
+def test_resnet_stream_channels_grow_in_every_writer_by_the_gradient_of_every_reader():
+    """A residual-stream group (stage 2: the projection and both blocks' conv2 write it;
+    block 3's conv1, block 4's conv1 and projection read it): candidates leave the output
+    unchanged, and the grown channels are the ones with the largest outgoing gradient,
+    whichever reader it comes from."""
+    model, masks, units = _seeded("resnet-18", (1, 8, 8), share=0.25)
+    g = next(g for g in units if g.name == "blocks.2.shortcut.0")
+    assert [w for w, _, _ in g.writers] == ["blocks.2.shortcut.0", "blocks.2.conv2", "blocks.3.conv2"]
+    assert [c for c, _, _ in g.consumers] == ["blocks.3.conv1", "blocks.4.conv1", "blocks.4.shortcut.0"]
+    x = torch.randn(16, 1, 8, 8)
+    model.train()
+    before = model(x)
+    propose_candidates(units, torch.Generator().manual_seed(1))
+    assert torch.equal(model(x), before)  # zero outgoing weights: the loss is unchanged
+    dormant = (~g.mask).nonzero().squeeze(1)
+    a, b, c = dormant[[2, 5, 9]].tolist()
+    grads = {layer.name: torch.zeros_like(layer.weight) for layer in masks}
+    grads["blocks.3.conv1"][:, a] = 1.0
+    grads["blocks.4.shortcut.0"][:, b] = 2.0
+    grads["blocks.4.conv1"][:, c] = 3.0
+    old = g.mask.clone()
+    step = grow_units(units, masks, grads, rate=0.08, lr=0.5)  # ceil(0.08 x 32) = 3
+    grown = (g.mask & ~old).nonzero().squeeze(1).tolist()
+    assert step.grown[g.name] == 3 and sorted(grown) == sorted([a, b, c])
+    for _, prod, norm in g.writers:  # every writer keeps its candidate row and BN scale 1
+        assert prod.weight[grown].flatten(1).abs().sum(1).gt(0).all()
+        assert torch.equal(norm.weight[grown], torch.ones(3))
+        assert not prod.weight[~g.mask].any()  # the candidates not grown are zero again
+    reader = model.get_submodule("blocks.4.conv1")  # its own active filters read the channel
+    rows = next(h for h in units if h.name == "blocks.4.conv1").mask
+    assert torch.equal(reader.weight[rows, c], torch.full_like(reader.weight[rows, c], -1.5))
+    assert not reader.weight[~rows].any()
+    model.eval()
+    assert torch.isfinite(model(x)).all()
 
 
 def test_select_unit_prune_removes_the_lowest_scored_and_never_the_last():
