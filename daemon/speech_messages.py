@@ -11,7 +11,8 @@ with mono PCM audio at a declared sample rate and its transcript, in one of two 
 :func:`parse_speech_message` turns one record into a :class:`SpeechSample` or a
 :class:`daemon.messages.Rejection`; like :func:`daemon.messages.parse_message` it
 never raises on bad input. Audio-specific reasons: ``bad_rate`` (sample rate other
-than the model's), ``bad_audio`` (empty, too long, both or neither audio form, not
+than the model's), ``bad_audio`` (empty or shorter than one analysis window
+(`gnp.audio.FeatureConfig.min_samples`: 129 samples, 16 ms at 8 kHz), too long, both or neither audio form, not
 decodable base64 / odd byte count, samples outside [-1, 1]), ``non_finite`` (NaN or
 infinite samples) and ``bad_transcript`` (empty, or characters outside the model's
 alphabet: letters and space).
@@ -128,6 +129,12 @@ def _check_audio(obj: dict, raw: bytes, rate: int, max_seconds: float) -> np.nda
         audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
     if audio.size == 0:
         raise _Reject("bad_audio", "audio is empty")
+    from gnp.audio import FeatureConfig
+
+    shortest = FeatureConfig(sample_rate=rate).min_samples
+    if audio.size < shortest:  # the features could not be computed: every update would fail
+        raise _Reject("bad_audio", f"audio has {audio.size} samples, fewer than the {shortest} "
+                                   f"({1000 * shortest / rate:.0f} ms) one analysis window needs")
     if audio.size > max_seconds * rate:
         raise _Reject("bad_audio", f"audio lasts {audio.size / rate:.2f} s > {max_seconds} s")
     return audio

@@ -90,7 +90,12 @@ def speech_table(samples: Sequence[SpeechSample], val: np.ndarray) -> pa.Table:
 
 
 def _features(rows: pa.Table, cfg: FeatureConfig) -> tuple[list, list[list[int]]]:
-    """Per-utterance MFCCs (T_i, n_mfcc) and encoded transcripts of speech chunk rows."""
+    """Per-utterance MFCCs (T_i, n_mfcc) and encoded transcripts of speech chunk rows.
+
+    An utterance shorter than one analysis window (`FeatureConfig.min_samples`; ingest
+    refuses those, but a store written before it did may hold one) is padded with
+    silence to that length, so that its chunk stays usable."""
+    import numpy as np
     import torch
 
     from gnp.audio import mfcc
@@ -102,7 +107,10 @@ def _features(rows: pa.Table, cfg: FeatureConfig) -> tuple[list, list[list[int]]
     feats, targets = [], []
     for i, (rate, text) in enumerate(zip(rows["sample_rate"].to_pylist(),
                                          rows["transcript"].to_pylist())):
-        feats.append(mfcc(torch.from_numpy(flat[bounds[i]:bounds[i + 1]].copy()), rate, cfg))
+        clip = flat[bounds[i]:bounds[i + 1]]
+        short = cfg.min_samples - len(clip)
+        clip = np.pad(clip, (0, short)) if short > 0 else clip.copy()
+        feats.append(mfcc(torch.from_numpy(clip), rate, cfg))
         targets.append(encode(text))
     return feats, targets
 

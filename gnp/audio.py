@@ -36,6 +36,16 @@ class FeatureConfig:
     def hop_length(self) -> int:
         return int(round(self.sample_rate * self.hop_ms / 1000))
 
+    @property
+    def n_fft(self) -> int:
+        return 1 << (self.win_length - 1).bit_length()  # next power of two
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest audio the features take: the centred window reflects n_fft / 2
+        samples at each end, which needs more than that many."""
+        return self.n_fft // 2 + 1
+
 
 def pcm16_to_float(raw: bytes) -> torch.Tensor:
     """Little-endian signed 16-bit PCM bytes -> float32 samples in [-1, 1)."""
@@ -57,10 +67,9 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
 def _transform(cfg: FeatureConfig):
     import torchaudio  # only speech needs it
 
-    n_fft = 1 << (cfg.win_length - 1).bit_length()  # next power of two
     return torchaudio.transforms.MFCC(
         sample_rate=cfg.sample_rate, n_mfcc=cfg.n_mfcc,
-        melkwargs={"n_fft": n_fft, "win_length": cfg.win_length, "hop_length": cfg.hop_length,
+        melkwargs={"n_fft": cfg.n_fft, "win_length": cfg.win_length, "hop_length": cfg.hop_length,
                    "n_mels": cfg.n_mels, "center": True})
 
 
@@ -76,12 +85,14 @@ def mfcc(samples: torch.Tensor, sample_rate: int, cfg: FeatureConfig = FeatureCo
     """Per-utterance normalised MFCCs (T, n_mfcc) of mono float samples (N,).
 
     Raises:
-        ValueError: sample rate other than `cfg.sample_rate`, empty or non-finite audio.
+        ValueError: sample rate other than `cfg.sample_rate`, audio shorter than
+            `cfg.min_samples`, or non-finite audio.
     """
     if sample_rate != cfg.sample_rate:
         raise ValueError(f"sample rate {sample_rate} Hz, expected {cfg.sample_rate} Hz")
-    if samples.ndim != 1 or samples.numel() == 0:
-        raise ValueError(f"need mono samples (N,) with N > 0, got shape {tuple(samples.shape)}")
+    if samples.ndim != 1 or samples.numel() < cfg.min_samples:
+        raise ValueError(f"need mono samples (N,) with N >= {cfg.min_samples}, got shape "
+                         f"{tuple(samples.shape)}")
     if not bool(torch.isfinite(samples).all()):
         raise ValueError("audio has non-finite samples")
     feats = _transform(cfg)(samples.float()).transpose(0, 1)  # (T, n_mfcc)

@@ -12,10 +12,11 @@ from daemon.speech_messages import SpeechSample, encode_pcm16, parse_speech_mess
 
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "speech-sample.schema.json"
 RATE = 8000
+WAVE = np.tile(np.array([0.0, 0.25, -0.5, 0.125], dtype=np.float32), 40)  # 160 samples, 20 ms
 
 
 def _msg(**fields) -> bytes:
-    base = {"sample_rate": RATE, "transcript": "three", "audio": [0.0, 0.25, -0.5, 0.125]}
+    base = {"sample_rate": RATE, "transcript": "three", "audio": WAVE.tolist()}
     base.update(fields)
     for k in [k for k, v in fields.items() if v is _DROP]:
         del base[k]
@@ -32,15 +33,35 @@ def _parse(raw, **kw):
 def test_json_list_form():
     s = _parse(_msg(id="fsdd/3_x_1", transcript="  Three "))
     assert isinstance(s, SpeechSample)
-    assert s.audio.dtype == np.float32 and s.audio.tolist() == [0.0, 0.25, -0.5, 0.125]
+    assert s.audio.dtype == np.float32 and s.audio.tolist() == WAVE.tolist()
     assert s.transcript == "three" and s.id == "fsdd/3_x_1" and s.offset == 7
 
 
 def test_base64_pcm16_form_matches_the_list_form():
-    audio = np.array([0.0, 0.25, -0.5, 0.125], dtype=np.float32)
-    s = _parse(_msg(audio=_DROP, audio_pcm16=encode_pcm16(audio)))
+    s = _parse(_msg(audio=_DROP, audio_pcm16=encode_pcm16(WAVE)))
     assert isinstance(s, SpeechSample)
-    np.testing.assert_array_equal(s.audio, audio)
+    np.testing.assert_array_equal(s.audio, WAVE)
+
+
+def test_audio_shorter_than_one_analysis_window_is_rejected_and_the_shortest_accepted_has_features():
+    """Fewer than 129 samples (8 kHz) could not become MFCCs: stored, such a sample would
+    make every update of its chunk fail."""
+    import torch
+
+    from gnp.audio import FeatureConfig, mfcc
+    shortest = FeatureConfig(sample_rate=RATE).min_samples
+    assert shortest == 129
+    for short in (_msg(audio=WAVE[:shortest - 1].tolist()),
+                  _msg(audio=_DROP, audio_pcm16=encode_pcm16(WAVE[:shortest - 1]))):
+        r = _parse(short)
+        assert isinstance(r, Rejection) and r.reason == "bad_audio", r
+        assert "129" in r.detail
+    s = _parse(_msg(audio=WAVE[:shortest].tolist()))
+    assert isinstance(s, SpeechSample)
+    feats = mfcc(torch.from_numpy(s.audio), RATE)
+    assert feats.shape[1] == 20 and torch.isfinite(feats).all()
+    with pytest.raises(ValueError, match="129"):
+        mfcc(torch.from_numpy(s.audio[:-1]), RATE)
 
 
 @pytest.mark.parametrize("raw, reason", [

@@ -52,6 +52,7 @@ def test_speech_predict_returns_transcripts_from_one_version(client):
     ({"sample_rate": 16000, "instances": [{"audio": [0.1] * 800}]}, "sample rate"),
     ({"instances": [{"audio": [0.1] * 800}]}, "sample_rate"),
     ({"sample_rate": 8000, "instances": [{"audio": []}]}, "empty"),
+    ({"sample_rate": 8000, "instances": [{"audio": [0.01] * 128}]}, "one analysis window"),
     ({"sample_rate": 8000, "instances": [{"audio": [0.1, 2.0]}]}, "[-1, 1]"),
     ({"sample_rate": 8000, "instances": [[0.1, 0.2]]}, "audio or audio_pcm16"),
     ({"sample_rate": 8000, "instances": []}, "instances"),

@@ -46,6 +46,16 @@ def test_training_data_from_speech_chunks():
         speech_training_data([table.slice(0, 0)])
 
 
+def test_a_stored_utterance_shorter_than_one_window_is_padded_not_fatal_to_its_chunk():
+    """Ingest refuses audio under 129 samples (8 kHz) now; a store written before may hold
+    some, and its chunk must still become training data (else every update fails)."""
+    samples = _samples()
+    short = SpeechSample(samples[0].audio[:100], 8000, "one", 0, 9, "s9", None)
+    train = speech_training_data([speech_table(samples[:3] + [short], np.zeros(4, bool))])
+    assert len(train) == 4 and train.transcripts()[-1] == "one"
+    assert train.lengths.tolist()[-1] == 2  # 129 samples: 2 frames of 10 ms, centred
+
+
 # ---- the MFCC cache and streamed speech sets (real chunk files in a real store) ----------
 
 def _chunks(path, n=12, chunk=6):
