@@ -77,6 +77,10 @@ class Metrics:
             "gnp_update_quarantined_chunks",
             "Chunks left out of updates after repeated failures (persists across restarts)",
             registry=r)
+        self.update_pending = Gauge(
+            "gnp_update_pending_chunks",
+            "Sealed chunks not yet learnt (nor quarantined or corrupt): the next update's new data",
+            registry=r)
         self.update_last_success = Gauge(
             "gnp_update_last_success_timestamp_seconds",
             "Unix time of the last successful update", registry=r)

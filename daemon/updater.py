@@ -160,6 +160,7 @@ class UpdateWorker:
         self._thread = threading.Thread(target=self._loop, name="updater", daemon=True)
         metrics.store_buffered.set_function(self.buffered)
         metrics.update_quarantined.set_function(lambda: len(self.ledger.quarantined))
+        metrics.update_pending.set_function(lambda: len(self.pending()))
         metrics.store_corrupt.set_function(lambda: len(self.ledger.corrupt))
 
     # -- lifecycle -------------------------------------------------------------

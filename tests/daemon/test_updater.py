@@ -51,6 +51,7 @@ def test_first_update_trains_saves_publishes_and_records(env):
     env.seal()
     worker = env.worker()
     assert env.sample("gnp_store_buffered_samples") == CHUNK
+    assert env.sample("gnp_update_pending_chunks") == 1
     result = worker.update_pending()
 
     assert result.outcome == "success" and result.chunk_ids == ("1",)
@@ -76,6 +77,7 @@ def test_first_update_trains_saves_publishes_and_records(env):
     assert env.sample("gnp_update_duration_seconds_count") == 1
     assert env.sample("gnp_update_last_success_timestamp_seconds") > 0
     assert env.sample("gnp_store_buffered_samples") == 0
+    assert env.sample("gnp_update_pending_chunks") == 0
     assert worker.update_pending() is None  # nothing pending any more
 
 
@@ -87,6 +89,7 @@ def test_next_update_learns_only_pending_chunks_together_and_replays_all(env):
     before = {k: v.clone() for k, v in served_model.state_dict().items()}
     env.seal(2)  # two chunks sealed during/after the first update join one update
     assert env.sample("gnp_store_buffered_samples") == 2 * CHUNK
+    assert env.sample("gnp_update_pending_chunks") == 2
 
     result = worker.update_pending()
     assert result.outcome == "success" and result.chunk_ids == ("2", "3")

@@ -128,6 +128,16 @@ def test_kafka_is_a_single_kraft_node(stack):
     assert "healthcheck" in kafka
 
 
+def test_kafka_keeps_its_log_on_its_volume(stack):
+    """apache/kafka configured by KAFKA_* variables writes to /tmp/kraft-combined-logs
+    unless KAFKA_LOG_DIRS says otherwise: the topic would not outlive the container."""
+    kafka = stack["services"]["kafka"]
+    targets = [v["target"] if isinstance(v, dict) else v.split(":")[1] for v in kafka["volumes"]]
+    log_dirs = kafka["environment"].get("KAFKA_LOG_DIRS", "/tmp/kraft-combined-logs")
+    for d in log_dirs.split(","):
+        assert any(Path(d).is_relative_to(t) for t in targets), (d, targets)
+
+
 @pytest.mark.parametrize("files", STACKS, ids=["digits", "fashion-mnist", "gpu"])
 def test_daemon_and_producer_settings_are_valid(files, settings_from_env, settings_env_names):
     services = _config(files)["services"]
