@@ -34,8 +34,12 @@ FSDD ?= ../shared/data/fsdd
 demo-speech: setup
 	$(PY) -m daemon demo --dataset fsdd --data-dir $(FSDD)
 
+# Two pytest workers (pytest-xdist), each test file on one worker (module fixtures such as
+# the live stack start once): most integration tests wait on brokers, servers and training
+# children, so two share the 2-core machine well. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 test: setup data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 bench: setup data
 	$(PY) -m gnp.bench --out docs/results
