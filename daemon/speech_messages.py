@@ -12,8 +12,9 @@ with mono PCM audio at a declared sample rate and its transcript, in one of two 
 :class:`daemon.messages.Rejection`; like :func:`daemon.messages.parse_message` it
 never raises on bad input. Audio-specific reasons: ``bad_rate`` (sample rate other
 than the model's), ``bad_audio`` (empty or shorter than one analysis window
-(`gnp.audio.FeatureConfig.min_samples`: 129 samples, 16 ms at 8 kHz), too long, both or neither audio form, not
-decodable base64 / odd byte count, samples outside [-1, 1]), ``non_finite`` (NaN or
+(`gnp.audio.FeatureConfig.min_samples`: 129 samples, 16 ms at 8 kHz), too long, both
+or neither audio form, not decodable base64 / odd byte count, samples outside
+[-1, 1]), ``non_finite`` (NaN or
 infinite samples) and ``bad_transcript`` (empty, or characters outside the model's
 alphabet: letters and space).
 """

@@ -162,12 +162,18 @@ def test_a_chunk_failing_twice_is_quarantined_and_later_updates_proceed(env, mon
     assert env.sample("gnp_store_buffered_samples") == 0
 
 
-def test_worker_thread_learns_stored_chunks_at_start_and_on_seal(env):
-    env.seal()
+def _started(env):
+    """The env's worker thread, started, with the results it reports and an event set on each."""
     results, done = [], threading.Event()
     worker = env.worker()
     worker.on_result = lambda r: (results.append(r), done.set())
     worker.start()
+    return worker, results, done
+
+
+def test_worker_thread_learns_stored_chunks_at_start_and_on_seal(env):
+    env.seal()
+    worker, results, done = _started(env)
     try:
         assert done.wait(60) and results[0].outcome == "success"
         done.clear()
@@ -184,10 +190,7 @@ def test_a_chunk_without_validation_rows_waits_for_the_next_seal_not_in_a_loop(t
     again at once for the same chunk, spawning training children back to back forever."""
     env = UpdateEnv(tmp_path, digits, 2, schedule=TINY)
     env.seal()
-    results, first = [], threading.Event()
-    worker = env.worker()
-    worker.on_result = lambda r: (results.append(r), first.set())
-    worker.start()
+    worker, results, first = _started(env)
     try:
         assert first.wait(60)
         time.sleep(6)  # a child takes about a second: a loop would have run several
